@@ -1,0 +1,117 @@
+"""The synced tables: who writes each one, how it merges, and each column's rule.
+
+Adding a synced table is a few lines: declare a ``TableSpec`` below and add it to
+``TABLES``. The edge and the cloud create its storage from this declaration, and the
+sync engine validates and merges its changes by it.
+
+Domain rules shipped here:
+
+- order lines are add-only: every column but the void columns is set once, a void is its own
+  change, and ``voided`` is sticky, so two tablets adding lines never lose one;
+- an order's status only moves forward (``ORDER_STATUS_RANKS``);
+- stock counts are counters: changes carry deltas and concurrent deltas add up.
+"""
+
+from __future__ import annotations
+
+from sync_protocol.schema import (
+    Author,
+    Column,
+    ColumnType,
+    Merge,
+    Registry,
+    Strategy,
+    TableSpec,
+)
+
+from .orders import ORDER_STATUS_RANKS
+
+TEXT, INT, BOOL = ColumnType.TEXT, ColumnType.INT, ColumnType.BOOL
+
+MENU_CATEGORIES = TableSpec(
+    "menu_categories",
+    (
+        Column("name", TEXT, doc="shown on the tablets"),
+        Column("position", INT, default=0, doc="sort order on the tablets"),
+        Column("active", BOOL, default=True),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="Menu sections, authored in the cloud dashboard or by a manager at the edge.",
+)
+
+MENU_ITEMS = TableSpec(
+    "menu_items",
+    (
+        Column("category_id", TEXT),
+        Column("name", TEXT),
+        Column("price_pence", INT, doc="price in integer minor units"),
+        Column("currency", TEXT, default="GBP"),
+        Column("station", TEXT, default="kitchen", doc="where its tickets go"),
+        Column("available", BOOL, default=True, doc="false when the item is 86'd"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="What can be sold, at what price, and where it is prepared.",
+)
+
+ORDERS = TableSpec(
+    "orders",
+    (
+        Column("check_number", INT, Merge.IMMUTABLE, doc="unique per site per business day"),
+        Column("business_day", TEXT, Merge.IMMUTABLE, doc="ISO date of the trading day"),
+        Column("opened_at_ms", INT, Merge.IMMUTABLE),
+        Column("currency", TEXT, Merge.IMMUTABLE, default="GBP"),
+        Column("table_name", TEXT),
+        Column("covers", INT),
+        Column("server_id", TEXT),
+        Column("notes", TEXT),
+        Column("status", TEXT, Merge.FORWARD, ranks=ORDER_STATUS_RANKS, default="open"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="Order headers; the status only moves forward.",
+)
+
+ORDER_LINES = TableSpec(
+    "order_lines",
+    (
+        Column("order_id", TEXT, Merge.IMMUTABLE),
+        Column("item_id", TEXT, Merge.IMMUTABLE),
+        Column("name", TEXT, Merge.IMMUTABLE),
+        Column("quantity", INT, Merge.IMMUTABLE),
+        Column("unit_price_pence", INT, Merge.IMMUTABLE),
+        Column("modifiers", TEXT, Merge.IMMUTABLE, doc="JSON list chosen with the line"),
+        Column("notes", TEXT, Merge.IMMUTABLE),
+        Column("course", INT, Merge.IMMUTABLE),
+        Column("seat", INT, Merge.IMMUTABLE),
+        Column("added_by", TEXT, Merge.IMMUTABLE),
+        Column("added_at_ms", INT, Merge.IMMUTABLE),
+        Column("voided", BOOL, Merge.STICKY, default=False),
+        Column("void_reason", TEXT),
+        Column("voided_by", TEXT),
+    ),
+    author=Author.EDGE,
+    strategy=Strategy.SMART_MERGE,
+    add_only=True,
+    doc="Lines of an order: added, then perhaps voided; never edited or deleted.",
+)
+
+STOCK_LEVELS = TableSpec(
+    "stock_levels",
+    (
+        Column("on_hand", INT, Merge.COUNTER, doc="units in stock; changes carry deltas"),
+        Column("par_level", INT),
+        Column("unit", TEXT, default="each"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="Stock per menu item (the row id is the item id).",
+)
+
+TABLES: tuple[TableSpec, ...] = (MENU_CATEGORIES, MENU_ITEMS, ORDERS, ORDER_LINES, STOCK_LEVELS)
+
+
+def default_registry() -> Registry:
+    """The registry of every synced table with its default strategy."""
+    return Registry(TABLES)

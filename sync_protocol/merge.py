@@ -1,0 +1,316 @@
+"""Applying a change to a row: the conflict strategies and the domain merges.
+
+Theory of operation. The cloud is the one place that decides: it applies each pushed change
+to its current ``RowState`` with ``apply_change`` and publishes the result in the site's
+feed; an edge adopts what the feed says and re-applies its own not-yet-reflected changes on
+top with the same function, so its local view predicts the cloud's answer.
+
+A column written at the cloud after the writer's ``base`` revision by another node is
+*concurrent* with the change. Domain columns (COUNTER, FORWARD, STICKY, IMMUTABLE) merge by
+rules that commute, so they never conflict. For LWW columns the table's strategy decides,
+through ``STRATEGIES``:
+
+==============  ==============================================================
+server_wins     if anything in the row is concurrent, the cloud's row stands
+client_wins     the change is applied whatever happened meanwhile
+smart_merge     column by column: unshared edits merge, a column changed on both
+                sides falls to the table's tie-break (latest HLC by default)
+manual          column by column like smart_merge, but a column changed on both
+                sides with different values is parked for a person to decide
+==============  ==============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .changes import Change, Conflict, Op, RowState, Value, Values, Version
+from .errors import ErrorCode, RemoteProtocolError
+from .schema import Author, Column, Merge, Strategy, TableSpec, TieBreak
+
+
+class Decision(StrEnum):
+    """What happens to one concurrent LWW column (or a concurrent row-level op)."""
+
+    TAKE = "take"
+    KEEP = "keep"
+    PARK = "park"
+
+
+class OutcomeKind(StrEnum):
+    """How a change landed."""
+
+    APPLIED = "applied"  #: nothing concurrent: applied as written
+    MERGED = "merged"  #: concurrent edits combined automatically
+    OVERRIDDEN = "overridden"  #: the strategy kept the cloud's values instead
+    PARKED = "parked"  #: some columns wait in the manual queue
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The row after a change, how the change landed, and any parked conflict."""
+
+    kind: OutcomeKind
+    state: RowState
+    conflict: Conflict | None = None
+
+
+def _later(change: Change, version: Version) -> bool:
+    return (change.hlc, change.origin) > (version.hlc, version.origin)
+
+
+def _tie_break(spec: TableSpec, change: Change, version: Version) -> Decision:
+    if spec.tie_break is TieBreak.SERVER:
+        return Decision.KEEP
+    if spec.tie_break is TieBreak.CLIENT:
+        return Decision.TAKE
+    return Decision.TAKE if _later(change, version) else Decision.KEEP
+
+
+Resolver = Callable[[TableSpec, Change, Version, bool], Decision]
+
+
+def _server_wins(
+    spec: TableSpec, change: Change, version: Version, row_concurrent: bool
+) -> Decision:
+    return Decision.KEEP
+
+
+def _client_wins(
+    spec: TableSpec, change: Change, version: Version, row_concurrent: bool
+) -> Decision:
+    return Decision.TAKE
+
+
+def _smart_merge(
+    spec: TableSpec, change: Change, version: Version, row_concurrent: bool
+) -> Decision:
+    return _tie_break(spec, change, version)
+
+
+def _manual(spec: TableSpec, change: Change, version: Version, row_concurrent: bool) -> Decision:
+    return Decision.PARK
+
+
+#: strategy -> how a concurrent LWW column (or row-level op) is decided
+STRATEGIES: dict[Strategy, Resolver] = {
+    Strategy.SERVER_WINS: _server_wins,
+    Strategy.CLIENT_WINS: _client_wins,
+    Strategy.SMART_MERGE: _smart_merge,
+    Strategy.MANUAL: _manual,
+}
+
+#: strategies that judge a row as a whole: any concurrency makes every LWW column concurrent
+ROW_LEVEL = frozenset({Strategy.SERVER_WINS})
+
+
+def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
+    """Refuse a change the table's rules forbid (columns, types, author, add-only)."""
+    if spec.author is not Author.BOTH and spec.author is not author:
+        raise RemoteProtocolError(
+            ErrorCode.NOT_AUTHOR, f"table {spec.name} is written by the {spec.author.value} only"
+        )
+    if change.op is Op.DELETE:
+        if spec.add_only:
+            raise RemoteProtocolError(
+                ErrorCode.ADD_ONLY, f"{spec.name} rows are never deleted; void them instead"
+            )
+        return
+    if not change.fields:
+        # A write with no columns would leave no trace to order it against a delete.
+        raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, "an insert or update names columns")
+    for name, value in change.fields.items():
+        column = spec.column(name)
+        column.check(value)
+        if change.op is Op.UPDATE and column.merge is Merge.IMMUTABLE:
+            raise RemoteProtocolError(
+                ErrorCode.ADD_ONLY if spec.add_only else ErrorCode.INVALID_CHANGE,
+                f"{spec.name}.{name} is set when the row is added and never changed",
+            )
+
+
+def _rank(column: Column, value: Value) -> int:
+    return -1 if value is None else column.ranks.index(value)  # type: ignore[arg-type]
+
+
+def merge_domain(column: Column, current: Value, incoming: Value) -> Value:
+    """The value of a domain column after an incoming write (commutative rules)."""
+    if column.merge is Merge.COUNTER:
+        return (current or 0) + (incoming or 0)  # type: ignore[operator]
+    if column.merge is Merge.STICKY:
+        return bool(current) or bool(incoming)
+    if column.merge is Merge.FORWARD:
+        return incoming if _rank(column, incoming) > _rank(column, current) else current
+    raise ValueError(f"{column.name} is not a domain column")
+
+
+def apply_local(
+    spec: TableSpec, current: Values | None, op: Op, fields: Values
+) -> dict[str, Value]:
+    """The row's values after a local write at the writer (no concurrency there)."""
+    if op is Op.DELETE:
+        return dict(current or {})
+    values = dict(current) if current is not None else initial_values(spec)
+    for name, value in fields.items():
+        column = spec.by_name[name]
+        if column.merge is Merge.LWW or column.merge is Merge.IMMUTABLE:
+            values[name] = value
+        else:
+            values[name] = merge_domain(column, values.get(name), value)
+    return values
+
+
+def initial_values(spec: TableSpec) -> dict[str, Value]:
+    """Column defaults for a new row (counters start at 0)."""
+    return {
+        c.name: (0 if c.merge is Merge.COUNTER and c.default is None else c.default)  # type: ignore[misc]
+        for c in spec.columns
+    }
+
+
+def _concurrent(version: Version, change: Change) -> bool:
+    return version.rev > change.base and version.origin != change.origin
+
+
+def _row_versions(state: RowState) -> Iterable[Version]:
+    yield state.version
+    yield from state.fv.values()
+
+
+#: the pseudo-column that records whether the row exists; deletes and writes race on it
+EXISTS = "_exists"
+
+
+def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev: int) -> Outcome:
+    """Apply ``change`` (already validated) to the cloud's row at revision ``rev``.
+
+    Columns merge one by one. Whether the row exists is one more register, ``EXISTS``: an
+    insert or update writes "alive", a delete writes "deleted", and concurrent ones are
+    decided like any LWW column. Column writes land even on a deleted row, so a later
+    resurrection shows the same values whatever order the changes arrived in.
+    """
+    new_version = Version(rev, change.hlc, change.origin)
+    if current is None:
+        if change.op is Op.DELETE:
+            state = RowState(change.pk, initial_values(spec), new_version, {}, deleted=True)
+        else:
+            state = RowState(
+                change.pk, apply_local(spec, None, change.op, change.fields), new_version
+            )
+        return Outcome(OutcomeKind.APPLIED, state)
+
+    resolver = STRATEGIES[spec.strategy]
+    row_level = spec.strategy in ROW_LEVEL
+    row_concurrent = any(_concurrent(v, change) for v in _row_versions(current))
+    values = dict(current.values)
+    taken: list[str] = []
+    parked: list[str] = []
+    any_concurrent = False
+
+    def decide(name: str, incoming: Value, present: Value) -> Decision:
+        nonlocal any_concurrent
+        version = current.version_of(name)
+        concurrent = row_concurrent if row_level else _concurrent(version, change)
+        if not concurrent:
+            return Decision.TAKE
+        if incoming == present and not row_level:
+            # Both sides wrote the same value: no conflict; the later version stands so
+            # that the outcome does not depend on arrival order.
+            return Decision.TAKE if _later(change, version) else Decision.KEEP
+        any_concurrent = True
+        return resolver(spec, change, version, row_concurrent)
+
+    for name, incoming in change.fields.items():
+        column = spec.by_name[name]
+        present = values.get(name)
+        if column.merge is Merge.IMMUTABLE:
+            # Only inserts carry these; of two concurrent inserts the earlier one stands.
+            version = current.version_of(name)
+            if present is None or (_concurrent(version, change) and not _later(change, version)):
+                if incoming != present:
+                    values[name] = incoming
+                    taken.append(name)
+            continue
+        if column.merge is not Merge.LWW:
+            merged = merge_domain(column, present, incoming)
+            if merged != present or column.merge is Merge.COUNTER:
+                values[name] = merged
+                taken.append(name)
+            continue
+        decision = decide(name, incoming, present)
+        if decision is Decision.TAKE:
+            values[name] = incoming
+            taken.append(name)
+        elif decision is Decision.PARK:
+            parked.append(name)
+
+    deleted = current.deleted
+    alive = change.op is not Op.DELETE
+    exists_parked = False
+    decision = decide(EXISTS, alive, not current.deleted)
+    if decision is Decision.TAKE:
+        deleted = not alive
+        taken.append(EXISTS)
+    elif decision is Decision.PARK:
+        exists_parked = True
+
+    conflict = None
+    if parked or exists_parked:
+        old = change.old or {}
+        conflict = Conflict(
+            spec.name,
+            current.pk,
+            change.origin,
+            change.seq,
+            tuple(parked),
+            {k: old.get(k) for k in parked},
+            {k: change.fields[k] for k in parked},
+            {k: current.values.get(k) for k in parked},
+            local_deleted=exists_parked and not alive,
+            remote_deleted=exists_parked and current.deleted,
+        )
+    if not taken:
+        kind = (
+            OutcomeKind.PARKED
+            if conflict
+            else (OutcomeKind.OVERRIDDEN if any_concurrent else OutcomeKind.APPLIED)
+        )
+        return Outcome(kind, current, conflict)
+    state = RowState(current.pk, values, new_version, _fv_except(spec, current, taken), deleted)
+    if conflict:
+        kind = OutcomeKind.PARKED
+    elif any_concurrent:
+        kind = OutcomeKind.MERGED
+    else:
+        kind = OutcomeKind.APPLIED
+    return Outcome(kind, state, conflict)
+
+
+def _fv_except(spec: TableSpec, current: RowState, taken: Iterable[str]) -> dict[str, Version]:
+    """Per-column versions for every column (and EXISTS) the new change did not write."""
+    skip = set(taken)
+    names = [c.name for c in spec.columns] + [EXISTS]
+    return {n: current.version_of(n) for n in names if n not in skip}
+
+
+def rebase(spec: TableSpec, state: RowState, pending: Iterable[Change]) -> RowState:
+    """An edge's predicted row: the cloud's state with its own unreflected changes on top."""
+    for change in pending:
+        state = apply_change(spec, state, change, state.version.rev).state
+    return state
+
+
+def resolve_values(spec: TableSpec, values: Mapping[str, object]) -> dict[str, Value]:
+    """Check a person's resolution of a parked conflict: known LWW columns, right types."""
+    out: dict[str, Value] = {}
+    for name, value in values.items():
+        column = spec.column(name)
+        column.check(value)
+        if column.merge is not Merge.LWW:
+            raise RemoteProtocolError(
+                ErrorCode.INVALID_RESOLUTION, f"{spec.name}.{name} merges by itself"
+            )
+        out[name] = value  # type: ignore[assignment]
+    return out

@@ -1,0 +1,188 @@
+"""The push/pull session state machines (no I/O: bytes in, bytes and decisions out).
+
+An edge runs two channels to the cloud at once. The push channel sends its change log in
+order; the pull channel reads the site's feed after a cursor. Each is a small table of
+states; a driver (the edge uplink) feeds in what happened and does what the session says::
+
+    push:  IDLE --send--> SENDING --ack--> IDLE
+                          SENDING --fail--> BACKOFF --retry--> IDLE
+    pull:  IDLE --request--> WAITING --page--> APPLYING --applied--> IDLE
+                             WAITING --fail--> BACKOFF --retry--> IDLE
+
+Cursors only move when the driver reports that what they cover is durable, so a crash at
+any point resumes from the last committed position: the cloud's dedupe watermark makes a
+resent push harmless, and re-applying a feed page writes the same row states again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .changes import Change
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .wire import DEFAULT_LIMITS, Limits, PullPage, PushAck, decode_ack, decode_pull, encode_push
+
+
+class State(StrEnum):
+    """Where a channel is."""
+
+    IDLE = "idle"
+    SENDING = "sending"
+    WAITING = "waiting"
+    APPLYING = "applying"
+    BACKOFF = "backoff"
+
+
+PUSH_TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.IDLE, "send"): State.SENDING,
+    (State.SENDING, "ack"): State.IDLE,
+    (State.SENDING, "fail"): State.BACKOFF,
+    (State.BACKOFF, "retry"): State.IDLE,
+}
+
+PULL_TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.IDLE, "request"): State.WAITING,
+    (State.WAITING, "page"): State.APPLYING,
+    (State.WAITING, "fail"): State.BACKOFF,
+    (State.APPLYING, "applied"): State.IDLE,
+    (State.APPLYING, "fail"): State.BACKOFF,
+    (State.BACKOFF, "retry"): State.IDLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter; the random draw in [0, 1) is passed in."""
+
+    base_s: float = 0.25
+    cap_s: float = 30.0
+
+    def delay(self, attempt: int, draw: float) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        return draw * min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+
+
+class _Channel:
+    table: dict[tuple[State, str], State]
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.state = State.IDLE
+        self.backoff = backoff
+        self.failures = 0
+
+    def _move(self, event: str) -> None:
+        try:
+            self.state = self.table[(self.state, event)]
+        except KeyError:
+            raise LocalProtocolError(
+                ErrorCode.SESSION_STATE, f"cannot {event} while {self.state.value}"
+            ) from None
+
+    def fail(self, draw: float) -> float:
+        """The request failed (network, 5xx, refusal): back off; returns the delay."""
+        self._move("fail")
+        delay = self.backoff.delay(self.failures, draw)
+        self.failures += 1
+        return delay
+
+    def retry(self) -> None:
+        """The backoff delay has passed."""
+        self._move("retry")
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """The batch a push channel is waiting on."""
+
+    first: int
+    last: int
+    body: bytes
+
+
+class PushSession(_Channel):
+    """Sends a node's change log in order and tracks what the cloud has acknowledged."""
+
+    table = PUSH_TRANSITIONS
+
+    def __init__(
+        self,
+        site: str,
+        node: str,
+        acked_through: int,
+        limits: Limits = DEFAULT_LIMITS,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        super().__init__(backoff)
+        self.site, self.node, self.limits = site, node, limits
+        self.acked_through = acked_through
+        self.in_flight: InFlight | None = None
+
+    def send(self, changes: Sequence[Change], codec: str = "zlib") -> bytes:
+        """Frame the next batch; it must start right after what is acknowledged."""
+        if not changes or changes[0].seq != self.acked_through + 1:
+            raise LocalProtocolError(
+                ErrorCode.SESSION_STATE,
+                f"next batch must start at seq {self.acked_through + 1}",
+            )
+        body = encode_push(self.site, self.node, changes, codec, self.limits)
+        self._move("send")
+        self.in_flight = InFlight(changes[0].seq, changes[-1].seq, body)
+        return body
+
+    def receive_ack(self, body: bytes) -> PushAck:
+        """Take the cloud's answer; the acknowledged watermark moves forward."""
+        if self.in_flight is None:
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "no batch in flight")
+        ack = decode_ack(body)
+        if ack.acked_through < self.in_flight.first - 1:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "ack goes backwards")
+        self._move("ack")
+        self.failures = 0
+        self.acked_through = ack.acked_through
+        self.in_flight = None
+        return ack
+
+    def receive_gap(self, expected: int, draw: float) -> float:
+        """The cloud wants seq ``expected`` next: resume from there (after a short wait)."""
+        self.acked_through = expected - 1
+        self.in_flight = None
+        return self.fail(draw)
+
+
+class PullSession(_Channel):
+    """Reads a site's feed page by page after a durable cursor."""
+
+    table = PULL_TRANSITIONS
+
+    def __init__(
+        self,
+        site: str,
+        node: str,
+        cursor: int,
+        limits: Limits = DEFAULT_LIMITS,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        super().__init__(backoff)
+        self.site, self.node, self.limits = site, node, limits
+        self.cursor = cursor
+
+    def request(self) -> int:
+        """Start a pull; returns the cursor to ask from."""
+        self._move("request")
+        return self.cursor
+
+    def receive_page(self, body: bytes) -> PullPage:
+        """Verify a page; it must continue from our cursor."""
+        page = decode_pull(body, self.limits)
+        if page.cursor != self.cursor or page.next < page.cursor:
+            raise RemoteProtocolError(ErrorCode.INVALID_CURSOR, "page does not continue our cursor")
+        self._move("page")
+        return page
+
+    def applied(self, page: PullPage) -> None:
+        """The page is committed locally: move the cursor past it."""
+        self._move("applied")
+        self.failures = 0
+        self.cursor = page.next

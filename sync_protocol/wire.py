@@ -1,0 +1,414 @@
+"""The batch wire format: msgpack frames with a version, a codec and a content hash.
+
+A frame is a msgpack map::
+
+    {"v": PROTOCOL_VERSION, "kind": "push" | "pull" | "ack", "site": str, "node": str,
+     "codec": "none" | "zlib", "sha256": 32 bytes, "body": bytes}
+
+``body`` is the (compressed) msgpack payload; ``sha256`` is the hash of ``body`` exactly as
+sent, verified before anything is decompressed or applied. The receiver checks, in order:
+frame size, msgpack well-formedness, version, kind, codec, hash, decompressed size, then
+every record. Any failure raises ``RemoteProtocolError`` with its own code and nothing is
+applied. Payloads:
+
+push
+    ``{"first": seq, "last": seq, "changes": [[seq, table, pk, op, fields, base, hlc, old]…]}``
+    — all changes from ``node``, sequence numbers contiguous from ``first`` to ``last``.
+pull
+    ``{"cursor": rev, "next": rev, "head": rev, "more": bool, "conflicts": int,
+    "server_ms": int, "hlc": int, "entries": [[rev, table, pk, deleted, values,
+    vrev, vhlc, vorigin, fv]…]}`` where ``fv`` is ``{column: [rev, hlc, origin]}`` or nil.
+ack
+    ``{"acked_through": seq, "head": rev, "outcomes": {kind: count}, "server_ms": int,
+    "hlc": int, "segments": [[first_seq, last_seq, first_rev]…]}`` — the answer to a push.
+    ``segments`` say at which feed revision each change of the batch took effect (this
+    push's and, for resent duplicates, an earlier one's): change ``seq`` in a segment has
+    revision ``first_rev + seq - first_seq``. An edge needs that to know exactly which of
+    its own changes a feed state already contains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .changes import Change, FeedEntry, Op, RowState, Version
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+CODECS = ("none", "zlib")
+KINDS = ("push", "pull", "ack")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size bounds a receiver enforces (and a sender respects)."""
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_records: int = 50_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A verified, decoded frame."""
+
+    kind: str
+    site: str
+    node: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PushBatch:
+    """A node's contiguous run of changes."""
+
+    site: str
+    node: str
+    first: int
+    last: int
+    changes: list[Change]
+
+
+@dataclass(frozen=True, slots=True)
+class PullPage:
+    """A page of a site's feed after ``cursor``, up to ``next``."""
+
+    cursor: int
+    next: int
+    head: int
+    more: bool
+    conflicts: int
+    server_ms: int
+    hlc: int
+    entries: list[FeedEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class PushAck:
+    """The cloud's answer to a push."""
+
+    acked_through: int
+    head: int
+    outcomes: dict[str, int]
+    server_ms: int
+    hlc: int
+    segments: tuple[tuple[int, int, int], ...] = ()
+
+    def rev_of(self, seq: int) -> int | None:
+        """The feed revision at which change ``seq`` took effect, if this ack says."""
+        for first_seq, last_seq, first_rev in self.segments:
+            if first_seq <= seq <= last_seq:
+                return first_rev + seq - first_seq
+        return None
+
+
+def _malformed(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.MALFORMED, message)
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise _malformed(f"not valid msgpack: {exc}") from None
+
+
+def encode_frame(
+    kind: str,
+    site: str,
+    node: str,
+    payload: Mapping[str, Any],
+    codec: str = "zlib",
+    limits: Limits = DEFAULT_LIMITS,
+    level: int = 1,
+) -> bytes:
+    """Encode, compress and hash a payload into a frame."""
+    if kind not in KINDS or codec not in CODECS:
+        raise LocalProtocolError(ErrorCode.WRONG_KIND, f"cannot send kind={kind} codec={codec}")
+    raw = msgpack.packb(payload, use_bin_type=True)
+    if len(raw) > limits.max_payload_bytes:
+        raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "payload exceeds the bound")
+    body = zlib.compress(raw, level) if codec == "zlib" else raw
+    frame = msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": kind,
+            "site": site,
+            "node": node,
+            "codec": codec,
+            "sha256": hashlib.sha256(body).digest(),
+            "body": body,
+        },
+        use_bin_type=True,
+    )
+    if len(frame) > limits.max_frame_bytes:
+        raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "frame exceeds the bound")
+    return frame
+
+
+def decode_frame(data: bytes, expect_kind: str, limits: Limits = DEFAULT_LIMITS) -> Frame:
+    """Verify and decode a frame; raise ``RemoteProtocolError`` on any defect."""
+    if len(data) > limits.max_frame_bytes:
+        raise RemoteProtocolError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"frame of {len(data)} bytes exceeds {limits.max_frame_bytes}",
+        )
+    outer = _unpack(data)
+    if not isinstance(outer, dict):
+        raise _malformed("a frame is a map")
+    version = outer.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            supported=[PROTOCOL_VERSION],
+        )
+    kind, site, node = outer.get("kind"), outer.get("site"), outer.get("node")
+    if kind != expect_kind:
+        raise RemoteProtocolError(ErrorCode.WRONG_KIND, f"expected a {expect_kind} frame")
+    if not isinstance(site, str) or not isinstance(node, str):
+        raise _malformed("site and node must be strings")
+    codec, digest, body = outer.get("codec"), outer.get("sha256"), outer.get("body")
+    if codec not in CODECS:
+        raise RemoteProtocolError(ErrorCode.UNSUPPORTED_CODEC, f"codec {codec!r} is not known")
+    if not isinstance(body, bytes) or not isinstance(digest, bytes):
+        raise _malformed("body and sha256 must be bytes")
+    if hashlib.sha256(body).digest() != digest:
+        raise RemoteProtocolError(ErrorCode.HASH_MISMATCH, "body does not match its sha256")
+    if codec == "zlib":
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(body, limits.max_payload_bytes)
+        except zlib.error as exc:
+            raise _malformed(f"body does not inflate: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise RemoteProtocolError(ErrorCode.BATCH_TOO_LARGE, "payload inflates past the bound")
+    else:
+        raw = body
+    payload = _unpack(raw)
+    if not isinstance(payload, dict):
+        raise _malformed("a payload is a map")
+    return Frame(kind, site, node, payload)
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+def change_row(change: Change) -> list[Any]:
+    """A change as its wire row (origin travels once, in the frame)."""
+    return [
+        change.seq,
+        change.table,
+        change.pk,
+        int(change.op),
+        dict(change.fields),
+        change.base,
+        change.hlc,
+        None if change.old is None else dict(change.old),
+    ]
+
+
+def encode_push(
+    site: str,
+    node: str,
+    changes: Sequence[Change],
+    codec: str = "zlib",
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Encode a node's contiguous changes as a push frame."""
+    if not changes:
+        raise LocalProtocolError(ErrorCode.INVALID_CHANGE, "a push carries at least one change")
+    if len(changes) > limits.max_records:
+        raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "too many changes for one batch")
+    payload = {
+        "first": changes[0].seq,
+        "last": changes[-1].seq,
+        "changes": [change_row(c) for c in changes],
+    }
+    return encode_frame("push", site, node, payload, codec, limits)
+
+
+def _int(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise _malformed(f"{what} must be an integer")
+    return value
+
+
+def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
+    """Verify and decode a push frame into changes with contiguous sequence numbers."""
+    frame = decode_frame(data, "push", limits)
+    payload = frame.payload
+    rows = payload.get("changes")
+    if not isinstance(rows, list) or not rows:
+        raise _malformed("changes must be a non-empty list")
+    if len(rows) > limits.max_records:
+        raise RemoteProtocolError(
+            ErrorCode.BATCH_TOO_LARGE, f"{len(rows)} changes exceed {limits.max_records}"
+        )
+    first, last = _int(payload.get("first"), "first"), _int(payload.get("last"), "last")
+    node = frame.node
+    changes: list[Change] = []
+    expected = first
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 8:
+            raise _malformed(f"change {index} is not an 8-item row")
+        seq, table, pk, op, fields, base, hlc, old = row
+        if seq != expected:
+            raise RemoteProtocolError(
+                ErrorCode.SEQUENCE_GAP, f"change {index} has seq {seq}, expected {expected}"
+            )
+        try:
+            op = Op(op)
+        except ValueError:
+            raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, f"unknown op {op!r}") from None
+        changes.append(Change(node, seq, table, pk, op, fields, base, hlc, old))
+        expected += 1
+    if last != expected - 1:
+        raise _malformed("last does not match the changes carried")
+    return PushBatch(frame.site, node, first, last, changes)
+
+
+# -- pull -------------------------------------------------------------------------------
+
+
+def entry_row(entry: FeedEntry) -> list[Any]:
+    """A feed entry as its wire row."""
+    state = entry.state
+    v = state.version
+    fv = {k: [x.rev, x.hlc, x.origin] for k, x in state.fv.items()} or None
+    return [
+        entry.rev,
+        entry.table,
+        state.pk,
+        state.deleted,
+        dict(state.values),
+        v.rev,
+        v.hlc,
+        v.origin,
+        fv,
+    ]
+
+
+def encode_pull(
+    site: str,
+    node: str,
+    cursor: int,
+    head: int,
+    entries: Iterable[list[Any]],
+    *,
+    next_cursor: int,
+    more: bool,
+    conflicts: int,
+    server_ms: int,
+    hlc: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Encode a page of feed rows (already in ``entry_row`` form) as a pull frame."""
+    payload = {
+        "cursor": cursor,
+        "next": next_cursor,
+        "head": head,
+        "more": more,
+        "conflicts": conflicts,
+        "server_ms": server_ms,
+        "hlc": hlc,
+        "entries": list(entries),
+    }
+    return encode_frame("pull", site, node, payload, "zlib", limits)
+
+
+def decode_pull(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PullPage:
+    """Verify and decode a pull frame into feed entries."""
+    payload = decode_frame(data, "pull", limits).payload
+    rows = payload.get("entries")
+    if not isinstance(rows, list):
+        raise _malformed("entries must be a list")
+    if len(rows) > limits.max_records:
+        raise RemoteProtocolError(ErrorCode.BATCH_TOO_LARGE, "too many entries")
+    entries: list[FeedEntry] = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 9:
+            raise _malformed(f"entry {index} is not a 9-item row")
+        rev, table, pk, deleted, values, vrev, vhlc, vorigin, fv = row
+        if not isinstance(values, dict) or not isinstance(table, str) or not isinstance(pk, str):
+            raise _malformed(f"entry {index} is not well formed")
+        versions = {k: Version(*x) for k, x in fv.items()} if fv else {}
+        state = RowState(pk, values, Version(vrev, vhlc, vorigin), versions, bool(deleted))
+        entries.append(FeedEntry(_int(rev, "rev"), table, state))
+    return PullPage(
+        cursor=_int(payload.get("cursor"), "cursor"),
+        next=_int(payload.get("next"), "next"),
+        head=_int(payload.get("head"), "head"),
+        more=bool(payload.get("more")),
+        conflicts=_int(payload.get("conflicts", 0), "conflicts"),
+        server_ms=_int(payload.get("server_ms", 0), "server_ms"),
+        hlc=_int(payload.get("hlc", 0), "hlc"),
+        entries=entries,
+    )
+
+
+# -- ack --------------------------------------------------------------------------------
+
+
+def encode_ack(site: str, node: str, ack: PushAck) -> bytes:
+    """Encode the cloud's answer to a push."""
+    payload = {
+        "acked_through": ack.acked_through,
+        "head": ack.head,
+        "outcomes": ack.outcomes,
+        "server_ms": ack.server_ms,
+        "hlc": ack.hlc,
+        "segments": [list(s) for s in ack.segments],
+    }
+    return encode_frame("ack", site, node, payload, "none")
+
+
+def decode_ack(data: bytes) -> PushAck:
+    """Verify and decode a push answer."""
+    payload = decode_frame(data, "ack").payload
+    outcomes = payload.get("outcomes") or {}
+    if not isinstance(outcomes, dict):
+        raise _malformed("outcomes must be a map")
+    segments = payload.get("segments") or []
+    if not isinstance(segments, list) or not all(
+        isinstance(s, list) and len(s) == 3 and all(type(x) is int for x in s) for s in segments
+    ):
+        raise _malformed("segments must be [first_seq, last_seq, first_rev] triples")
+    return PushAck(
+        acked_through=_int(payload.get("acked_through"), "acked_through"),
+        head=_int(payload.get("head"), "head"),
+        outcomes=outcomes,
+        server_ms=_int(payload.get("server_ms", 0), "server_ms"),
+        hlc=_int(payload.get("hlc", 0), "hlc"),
+        segments=tuple((a, b, c) for a, b, c in segments),
+    )
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def encode_error(code: str, message: str, details: Mapping[str, object] | None = None) -> bytes:
+    """An error body (msgpack map), as sent with a 4xx/5xx status."""
+    body: dict[str, object] = {"code": code, "message": message}
+    if details:
+        body["details"] = dict(details)
+    return msgpack.packb({"error": body}, use_bin_type=True)
+
+
+def decode_error(data: bytes) -> tuple[str, str, dict[str, Any]]:
+    """Read an error body: (code, message, details); tolerant of non-msgpack bodies."""
+    try:
+        outer = msgpack.unpackb(data, raw=False)
+        err = outer["error"]
+        return str(err["code"]), str(err.get("message", "")), dict(err.get("details") or {})
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+        return "malformed_error", data[:200].decode("utf-8", "replace"), {}

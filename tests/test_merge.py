@@ -1,0 +1,257 @@
+"""Conflict strategies and domain merges, unit by unit and as properties."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.registry import default_registry
+from sync_protocol import (
+    Author,
+    Change,
+    ErrorCode,
+    Op,
+    OutcomeKind,
+    RemoteProtocolError,
+    RowState,
+    Strategy,
+    Version,
+    apply_change,
+    validate_change,
+)
+from sync_protocol.merge import STRATEGIES
+from sync_protocol.schema import Registry, TieBreak
+
+REG = default_registry()
+ORDERS = REG.get("orders")
+LINES = REG.get("order_lines")
+STOCK = REG.get("stock_levels")
+
+
+def order_row(rev: int = 10, origin: str = "cloud", hlc: int = 100, **values: object) -> RowState:
+    base = {c.name: c.default for c in ORDERS.columns}
+    base.update(check_number=1, business_day="2026-11-26", table_name="T1", covers=2)
+    base.update(values)
+    return RowState("o1", base, Version(rev, hlc, origin))
+
+
+def edit(
+    fields: dict[str, object],
+    base: int = 5,
+    origin: str = "edge-a",
+    hlc: int = 50,
+    seq: int = 1,
+    op: Op = Op.UPDATE,
+    table: str = "orders",
+    pk: str = "o1",
+) -> Change:
+    return Change(origin, seq, table, pk, op, fields, base, hlc)
+
+
+def test_strategy_table_covers_every_strategy() -> None:
+    assert set(STRATEGIES) == set(Strategy)
+
+
+def test_no_concurrency_applies_under_every_strategy() -> None:
+    for strategy in Strategy:
+        spec = ORDERS.with_strategy(strategy)
+        out = apply_change(spec, order_row(rev=3), edit({"covers": 4}), rev=11)
+        assert out.kind is OutcomeKind.APPLIED and out.state.values["covers"] == 4
+        assert out.state.version == Version(11, 50, "edge-a")
+
+
+def test_server_wins_keeps_the_whole_row_when_anything_is_concurrent() -> None:
+    spec = ORDERS.with_strategy(Strategy.SERVER_WINS)
+    out = apply_change(spec, order_row(notes="cloud"), edit({"covers": 4}), rev=11)
+    assert out.kind is OutcomeKind.OVERRIDDEN and out.state.values["covers"] == 2
+
+
+def test_client_wins_takes_the_change() -> None:
+    spec = ORDERS.with_strategy(Strategy.CLIENT_WINS)
+    out = apply_change(spec, order_row(covers=6), edit({"covers": 4}), rev=11)
+    assert out.kind is OutcomeKind.MERGED and out.state.values["covers"] == 4
+
+
+def test_smart_merge_merges_disjoint_columns_and_tie_breaks_shared_ones() -> None:
+    spec = ORDERS.with_strategy(Strategy.SMART_MERGE)
+    # cloud changed table_name at rev 10; the edge changes covers: both survive
+    row = RowState(
+        "o1",
+        order_row(table_name="T9").values,
+        Version(10, 100, "cloud"),
+        {"covers": Version(1, 1, "edge-a")},
+    )
+    out = apply_change(spec, row, edit({"covers": 4}), rev=11)
+    assert out.state.values["table_name"] == "T9" and out.state.values["covers"] == 4
+    assert out.state.version_of("table_name") == Version(10, 100, "cloud")
+    # same column on both sides: the later HLC wins
+    late = apply_change(spec, order_row(), edit({"table_name": "T5"}, hlc=500), rev=11)
+    early = apply_change(spec, order_row(), edit({"table_name": "T5"}, hlc=5), rev=11)
+    assert late.state.values["table_name"] == "T5" and late.kind is OutcomeKind.MERGED
+    assert early.state.values["table_name"] == "T1" and early.kind is OutcomeKind.OVERRIDDEN
+    server = spec.with_strategy(Strategy.SMART_MERGE, TieBreak.SERVER)
+    assert (
+        apply_change(server, order_row(), edit({"table_name": "T5"}, hlc=500), 11).state.values[
+            "table_name"
+        ]
+        == "T1"
+    )
+
+
+def test_manual_parks_only_truly_conflicting_columns() -> None:
+    spec = ORDERS.with_strategy(Strategy.MANUAL)
+    change = Change(
+        "edge-a",
+        1,
+        "orders",
+        "o1",
+        Op.UPDATE,
+        {"table_name": "T5", "notes": "vip"},
+        5,
+        50,
+        {"table_name": "T0", "notes": None},
+    )
+    row = order_row(table_name="T9")
+    row = RowState("o1", row.values, row.version, {"notes": Version(1, 1, "edge-a")})
+    out = apply_change(spec, row, change, rev=11)
+    assert out.kind is OutcomeKind.PARKED
+    assert out.state.values["notes"] == "vip" and out.state.values["table_name"] == "T9"
+    assert out.conflict is not None
+    assert out.conflict.columns == ("table_name",)
+    assert (out.conflict.base, out.conflict.local, out.conflict.remote) == (
+        {"table_name": "T0"},
+        {"table_name": "T5"},
+        {"table_name": "T9"},
+    )
+
+
+def test_own_earlier_changes_are_never_a_conflict() -> None:
+    spec = ORDERS.with_strategy(Strategy.MANUAL)
+    mine = order_row(rev=10, origin="edge-a", covers=3)
+    out = apply_change(spec, mine, edit({"covers": 4}, base=5), rev=11)
+    assert out.kind is OutcomeKind.APPLIED and out.state.values["covers"] == 4
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_status_only_moves_forward_under_every_strategy(strategy: Strategy) -> None:
+    spec = ORDERS.with_strategy(strategy)
+    paid = order_row(status="paid")
+    back = apply_change(spec, paid, edit({"status": "fired"}), rev=11)
+    assert back.state.values["status"] == "paid"
+    fwd = apply_change(spec, order_row(status="fired"), edit({"status": "closed"}), rev=11)
+    assert fwd.state.values["status"] == "closed"
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_stock_counts_merge_as_deltas_under_every_strategy(strategy: Strategy) -> None:
+    spec = STOCK.with_strategy(strategy)
+    row = RowState("i1", {"on_hand": 10, "par_level": 5, "unit": "each"}, Version(10, 9, "edge-b"))
+    out = apply_change(
+        spec,
+        row,
+        Change("edge-a", 1, "stock_levels", "i1", Op.UPDATE, {"on_hand": -3}, 5, 1),
+        rev=11,
+    )
+    assert out.state.values["on_hand"] == 7
+
+
+def line(seq: int, pk: str, origin: str = "edge-a", **extra: object) -> Change:
+    fields = {
+        "order_id": "o1",
+        "item_id": "burger",
+        "name": "Burger",
+        "quantity": 1,
+        "unit_price_pence": 1250,
+    }
+    fields.update(extra)
+    return Change(origin, seq, "order_lines", pk, Op.INSERT, fields, 0, seq)
+
+
+def test_order_lines_are_add_only() -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        validate_change(
+            LINES, Change("e", 1, "order_lines", "l1", Op.DELETE, {}, 0, 1), Author.EDGE
+        )
+    assert err.value.code is ErrorCode.ADD_ONLY
+    with pytest.raises(RemoteProtocolError) as err:
+        validate_change(LINES, edit({"quantity": 3}, table="order_lines", pk="l1"), Author.EDGE)
+    assert err.value.code is ErrorCode.ADD_ONLY
+    validate_change(
+        LINES, edit({"voided": True, "void_reason": "spilt"}, table="order_lines"), Author.EDGE
+    )
+    with pytest.raises(RemoteProtocolError) as err:
+        validate_change(LINES, line(1, "l1"), Author.CLOUD)
+    assert err.value.code is ErrorCode.NOT_AUTHOR
+
+
+def test_two_tablets_adding_lines_never_lose_one_and_a_void_sticks() -> None:
+    rows: dict[str, RowState] = {}
+    for rev, change in enumerate([line(1, "a1"), line(1, "b1", "edge-b"), line(2, "a2")], 1):
+        rows[change.pk] = apply_change(LINES, rows.get(change.pk), change, rev).state
+    assert set(rows) == {"a1", "b1", "a2"}
+    void = Change("edge-b", 2, "order_lines", "a1", Op.UPDATE, {"voided": True}, 0, 9)
+    unvoid = Change("edge-a", 3, "order_lines", "a1", Op.UPDATE, {"voided": False}, 0, 10)
+    state = apply_change(LINES, rows["a1"], void, 4).state
+    assert apply_change(LINES, state, unvoid, 5).state.values["voided"] is True
+
+
+def test_unknown_columns_and_wrong_types_are_refused() -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        validate_change(ORDERS, edit({"tip": 1}), Author.EDGE)
+    assert err.value.code is ErrorCode.UNKNOWN_FIELD
+    for bad in ({"covers": "two"}, {"covers": True}, {"covers": 2**64}, {"status": "lost"}):
+        with pytest.raises(RemoteProtocolError) as err:
+            validate_change(ORDERS, edit(bad), Author.EDGE)
+        assert err.value.code is ErrorCode.INVALID_CHANGE
+    with pytest.raises(RemoteProtocolError) as err:
+        validate_change(ORDERS, edit({}), Author.EDGE)
+    assert err.value.code is ErrorCode.INVALID_CHANGE
+    with pytest.raises(RemoteProtocolError) as err:
+        Registry([ORDERS]).get("payments")
+    assert err.value.code is ErrorCode.UNKNOWN_TABLE
+
+
+# -- properties ---------------------------------------------------------------------------
+
+LWW_COLUMNS = ["table_name", "covers", "server_id", "notes"]
+values_for = {
+    "table_name": st.sampled_from(["T1", "T2", "Bar", None]),
+    "covers": st.integers(0, 12),
+    "server_id": st.sampled_from(["ann", "bob", "cat"]),
+    "notes": st.sampled_from(["", "vip", "nut allergy"]),
+    "status": st.sampled_from(["open", "fired", "paid", "closed", "voided"]),
+}
+
+
+@st.composite
+def concurrent_edits(draw: st.DrawFn) -> list[Change]:
+    """Up to four changes by different nodes, all written against the same base."""
+    n = draw(st.integers(2, 4))
+    hlcs = draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
+    out = []
+    for i in range(n):
+        cols = draw(st.sets(st.sampled_from([*LWW_COLUMNS, "status"]), min_size=1, max_size=4))
+        fields = {c: draw(values_for[c]) for c in cols}
+        op = draw(st.sampled_from([Op.UPDATE] * 5 + [Op.DELETE]))
+        if op is Op.DELETE:
+            fields = {}
+        out.append(Change(f"edge-{i}", 1, "orders", "o1", op, fields, 10, hlcs[i]))
+    return out
+
+
+@settings(max_examples=300)
+@given(concurrent_edits())
+def test_smart_merge_is_deterministic_and_order_independent(changes: list[Change]) -> None:
+    spec = ORDERS.with_strategy(Strategy.SMART_MERGE)
+    start = order_row(rev=10)
+    results = set()
+    for perm in itertools.permutations(changes):
+        state = start
+        for rev, change in enumerate(perm, 11):
+            state = apply_change(spec, state, change, rev).state
+        live = None if state.deleted else tuple(sorted(state.values.items(), key=str))
+        results.add(live)
+    assert len(results) == 1, results
