@@ -50,6 +50,8 @@ class HybridClock:
     def observe(self, remote: int) -> int:
         """Merge a remote timestamp; returns the new local timestamp."""
         physical = self.now_ms()
+        if remote <= 0:  # a peer that sent no timestamp tells us nothing
+            return self.now()
         self.last_skew_ms = wall_ms(remote) - physical
         if self.max_forward_ms is not None and self.last_skew_ms > self.max_forward_ms:
             # A peer whose clock runs far ahead must not drag ours along with it.

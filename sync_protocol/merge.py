@@ -132,7 +132,7 @@ def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
 
 
 def _rank(column: Column, value: Value) -> int:
-    return -1 if value is None else column.ranks.index(value)  # type: ignore[arg-type]
+    return -1 if value is None else column.ranks.index(value)
 
 
 def merge_domain(column: Column, current: Value, incoming: Value) -> Value:

@@ -37,18 +37,25 @@ class State(StrEnum):
 
 PUSH_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.IDLE, "send"): State.SENDING,
+    (State.IDLE, "fail"): State.BACKOFF,
     (State.SENDING, "ack"): State.IDLE,
     (State.SENDING, "fail"): State.BACKOFF,
+    (State.SENDING, "abort"): State.IDLE,
     (State.BACKOFF, "retry"): State.IDLE,
+    (State.BACKOFF, "abort"): State.IDLE,
 }
 
 PULL_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.IDLE, "request"): State.WAITING,
+    (State.IDLE, "fail"): State.BACKOFF,
     (State.WAITING, "page"): State.APPLYING,
     (State.WAITING, "fail"): State.BACKOFF,
+    (State.WAITING, "abort"): State.IDLE,
     (State.APPLYING, "applied"): State.IDLE,
     (State.APPLYING, "fail"): State.BACKOFF,
+    (State.APPLYING, "abort"): State.IDLE,
     (State.BACKOFF, "retry"): State.IDLE,
+    (State.BACKOFF, "abort"): State.IDLE,
 }
 
 
@@ -61,7 +68,7 @@ class Backoff:
 
     def delay(self, attempt: int, draw: float) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
-        return draw * min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+        return float(draw * min(self.cap_s, self.base_s * (2 ** min(attempt, 30))))
 
 
 class _Channel:
@@ -90,6 +97,11 @@ class _Channel:
     def retry(self) -> None:
         """The backoff delay has passed."""
         self._move("retry")
+
+    def abort(self) -> None:
+        """The request was cancelled (shutdown): back to idle, cursors untouched."""
+        if self.state is not State.IDLE:
+            self._move("abort")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +155,17 @@ class PushSession(_Channel):
         self.acked_through = ack.acked_through
         self.in_flight = None
         return ack
+
+    def resync(self, acked_through: int) -> None:
+        """Adopt a watermark learnt elsewhere (the store, or a gap answer); idle only."""
+        if self.state is not State.IDLE:
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "resync only while idle")
+        self.acked_through = acked_through
+
+    def abort(self) -> None:
+        """The push was cancelled: forget the batch in flight."""
+        super().abort()
+        self.in_flight = None
 
     def receive_gap(self, expected: int, draw: float) -> float:
         """The cloud wants seq ``expected`` next: resume from there (after a short wait)."""

@@ -33,7 +33,7 @@ import hashlib
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -134,21 +134,24 @@ def encode_frame(
     """Encode, compress and hash a payload into a frame."""
     if kind not in KINDS or codec not in CODECS:
         raise LocalProtocolError(ErrorCode.WRONG_KIND, f"cannot send kind={kind} codec={codec}")
-    raw = msgpack.packb(payload, use_bin_type=True)
+    raw = cast(bytes, msgpack.packb(payload, use_bin_type=True))
     if len(raw) > limits.max_payload_bytes:
         raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "payload exceeds the bound")
     body = zlib.compress(raw, level) if codec == "zlib" else raw
-    frame = msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "kind": kind,
-            "site": site,
-            "node": node,
-            "codec": codec,
-            "sha256": hashlib.sha256(body).digest(),
-            "body": body,
-        },
-        use_bin_type=True,
+    frame = cast(
+        bytes,
+        msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "kind": kind,
+                "site": site,
+                "node": node,
+                "codec": codec,
+                "sha256": hashlib.sha256(body).digest(),
+                "body": body,
+            },
+            use_bin_type=True,
+        ),
     )
     if len(frame) > limits.max_frame_bytes:
         raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "frame exceeds the bound")
@@ -401,7 +404,7 @@ def encode_error(code: str, message: str, details: Mapping[str, object] | None =
     body: dict[str, object] = {"code": code, "message": message}
     if details:
         body["details"] = dict(details)
-    return msgpack.packb({"error": body}, use_bin_type=True)
+    return cast(bytes, msgpack.packb({"error": body}, use_bin_type=True))
 
 
 def decode_error(data: bytes) -> tuple[str, str, dict[str, Any]]:

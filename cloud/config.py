@@ -1,0 +1,135 @@
+"""The cloud service's settings: read once from ``cloud.toml``, overridable by environment.
+
+Every key is documented in its field's ``doc`` and in ``cloud.toml``; every one can be set
+with ``FYNLO_CLOUD_<KEY>`` (top level) or ``FYNLO_CLOUD_<SECTION>_<KEY>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import load_config
+from shared.registry import default_registry
+from sync_protocol.schema import Registry, Strategy
+from sync_protocol.wire import Limits
+
+ENV_PREFIX = "FYNLO_CLOUD"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    """Bounds and timings of the sync endpoints."""
+
+    max_frame_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"doc": "Largest push frame accepted, in bytes (also the HTTP body limit)."},
+    )
+    max_payload_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"doc": "Largest decompressed payload accepted or sent, in bytes."},
+    )
+    max_records: int = field(
+        default=50_000, metadata={"doc": "Most changes accepted in one push frame."}
+    )
+    pull_limit_default: int = field(
+        default=5000, metadata={"doc": "Feed entries per pull page when the edge names no limit."}
+    )
+    pull_limit_max: int = field(
+        default=20_000, metadata={"doc": "Most feed entries per pull page (larger limits clamp)."}
+    )
+    long_poll_max_s: float = field(
+        default=30.0, metadata={"doc": "Longest a pull with wait=S is held, in seconds."}
+    )
+    max_forward_ms: int = field(
+        default=300_000,
+        metadata={
+            "doc": "An edge HLC further ahead of the cloud clock than this is not adopted (ms)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_frame_bytes <= 0 or self.max_payload_bytes <= 0 or self.max_records <= 0:
+            raise ValueError("frame, payload and record bounds must be positive")
+        if not 0 < self.pull_limit_default <= self.pull_limit_max <= self.max_records:
+            raise ValueError(
+                "need 0 < pull_limit_default <= pull_limit_max <= max_records "
+                "(an edge refuses pages with more entries than max_records)"
+            )
+        if self.long_poll_max_s < 0 or self.max_forward_ms < 0:
+            raise ValueError("long_poll_max_s and max_forward_ms must not be negative")
+
+    @property
+    def limits(self) -> Limits:
+        """The wire bounds these settings describe."""
+        return Limits(self.max_frame_bytes, self.max_payload_bytes, self.max_records)
+
+
+@dataclass(frozen=True, slots=True)
+class CloudConfig:
+    """Settings of one cloud worker."""
+
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address the HTTP server binds."})
+    port: int = field(default=8470, metadata={"doc": "TCP port of the HTTP server (0: any)."})
+    dsn: str | None = field(
+        default=None,
+        metadata={
+            "doc": "Postgres DSN; empty or unset starts a throwaway local Postgres (demo only)."
+        },
+    )
+    admin_token: str | None = field(
+        default=None,
+        metadata={"doc": "Owner API bearer token; unset generates one at start and prints it."},
+    )
+    strategies: str = field(
+        default="",
+        metadata={
+            "doc": "Per-table conflict strategy overrides, e.g. "
+            '"orders=manual,menu_items=server_wins"; unnamed tables keep their default.'
+        },
+    )
+    pool_min: int = field(default=2, metadata={"doc": "Postgres connections kept open."})
+    pool_max: int = field(default=10, metadata={"doc": "Most Postgres connections in the pool."})
+    sync: SyncSettings = field(
+        default_factory=SyncSettings, metadata={"doc": "Bounds and timings of sync."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+        if not 0 <= self.pool_min <= self.pool_max or self.pool_max < 1:
+            raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
+        parse_strategies(self.strategies)  # fail at start-up, not at the first push
+
+    def registry(self) -> Registry:
+        """The synced tables with this config's strategy overrides."""
+        return default_registry().with_strategies(parse_strategies(self.strategies))
+
+
+def parse_strategies(text: str) -> dict[str, str]:
+    """Parse ``"table=strategy,…"`` into ``{table: strategy}``, refusing unknown names."""
+    out: dict[str, str] = {}
+    known = default_registry()
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        table, sep, strategy = (part.strip() for part in item.partition("="))
+        if not sep or not table or not strategy:
+            raise ValueError(f"strategies: {item!r} is not table=strategy")
+        if table not in known:
+            raise ValueError(f"strategies: unknown table {table!r}")
+        try:
+            Strategy(strategy)
+        except ValueError:
+            choices = ", ".join(s.value for s in Strategy)
+            raise ValueError(
+                f"strategies: unknown strategy {strategy!r} for {table} (one of {choices})"
+            ) from None
+        out[table] = strategy
+    return out
+
+
+def load(path: str | Path | None) -> CloudConfig:
+    """Read the cloud config from ``path`` (optional) and ``FYNLO_CLOUD_*`` variables."""
+    return load_config(CloudConfig, path, ENV_PREFIX)

@@ -1,0 +1,120 @@
+"""The cloud's own errors (stable codes) and the one middleware that maps every error to HTTP.
+
+Sync refusals are ``sync_protocol.SyncError``; ``CloudError`` covers the cloud's own API
+(unknown sites, bad owner requests). ``CLOUD_ERRORS`` is the table of those codes and
+statuses. Device endpoints (``/v1/sync/``) answer errors in msgpack, the others in JSON,
+both shaped ``{"error": {"code", "message", "details"?}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from enum import StrEnum
+
+import asyncpg
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sync_protocol import wire
+from sync_protocol.errors import ErrorCode, ErrorInfo, SyncError
+
+log = logging.getLogger(__name__)
+
+
+class CloudCode(StrEnum):
+    """Every way the cloud's own API refuses a request."""
+
+    BAD_REQUEST = "bad_request"
+    SITE_NOT_FOUND = "site_not_found"
+    SITE_EXISTS = "site_exists"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"
+    UNAVAILABLE = "unavailable"
+
+
+CLOUD_ERRORS: dict[CloudCode, ErrorInfo] = {
+    CloudCode.BAD_REQUEST: ErrorInfo(400, "the request body or parameters are not valid"),
+    CloudCode.SITE_NOT_FOUND: ErrorInfo(404, "no such site"),
+    CloudCode.SITE_EXISTS: ErrorInfo(409, "a site with that id already exists"),
+    CloudCode.NOT_FOUND: ErrorInfo(404, "no such endpoint"),
+    CloudCode.METHOD_NOT_ALLOWED: ErrorInfo(405, "the endpoint does not take that method"),
+    CloudCode.HTTP_ERROR: ErrorInfo(400, "the HTTP request was refused"),
+    CloudCode.UNAVAILABLE: ErrorInfo(503, "the database is unreachable or busy; retry later"),
+}
+
+
+class CloudError(Exception):
+    """A refusal by the cloud's own API; carries a stable code and details."""
+
+    def __init__(self, code: CloudCode, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    @property
+    def status(self) -> int:
+        """The HTTP status this error maps to."""
+        return CLOUD_ERRORS[self.code].status
+
+
+# -- turning errors into HTTP responses (the one place that does it) ------------------------
+
+SYNC_CONTENT_TYPE = "application/x-fynlo-sync"
+
+#: aiohttp's own refusals, by status, as stable codes
+_HTTP_CODES: dict[int, str] = {
+    404: CloudCode.NOT_FOUND.value,
+    405: CloudCode.METHOD_NOT_ALLOWED.value,
+    413: ErrorCode.BATCH_TOO_LARGE.value,
+}
+
+#: store failures a client should simply retry later (503)
+UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+def error_response(
+    request: web.Request, status: int, code: str, message: str, details: Mapping[str, object]
+) -> web.Response:
+    """An error body: msgpack on the device endpoints, JSON on the others."""
+    if request.path.startswith("/v1/sync/"):
+        return web.Response(
+            status=status,
+            body=wire.encode_error(code, message, details),
+            content_type=SYNC_CONTENT_TYPE,
+        )
+    error: dict[str, object] = {"code": code, "message": message}
+    if details:
+        error["details"] = dict(details)
+    return web.json_response({"error": error}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every refusal to its status and stable code."""
+    try:
+        return await handler(request)
+    except SyncError as exc:
+        return error_response(request, exc.status, str(exc.code), exc.message, exc.details)
+    except CloudError as exc:
+        return error_response(request, exc.status, str(exc.code), exc.message, exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, CloudCode.HTTP_ERROR.value)
+        return error_response(request, exc.status, code, exc.reason, {})
+    except UNAVAILABLE as exc:
+        log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
+        return error_response(
+            request, 503, CloudCode.UNAVAILABLE.value, "the store is unavailable; retry", {}
+        )

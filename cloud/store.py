@@ -1,0 +1,542 @@
+"""The cloud's Postgres store: sites, devices, exactly-once ingest, the change feed,
+cloud-authored writes and the manual conflict queue.
+
+Every query is scoped by ``site_id`` (the tenancy invariant); the only cross-site read is
+``status`` for the owners' overview. Ingest is exactly-once because the node's dedupe
+watermark (``ledger.last_seq``) moves in the same transaction as the rows and the feed:
+changes at or below it are skipped, a batch starting past watermark+1 is refused. How a
+run of changes is applied is described in ``cloud.apply``; how a pull long-polls, in
+``cloud.listen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import asyncpg
+
+from sync_protocol import checksum, wire
+from sync_protocol.changes import Change, Op, Value
+from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from sync_protocol.hlc import HybridClock
+from sync_protocol.merge import validate_change
+from sync_protocol.schema import INT64_MAX, Author, Registry, TableSpec
+
+from . import conflicts as conflict_store
+from .apply import Applied, Key, apply_all, load_states, lock_site, persist, touch
+from .errors import CloudCode, CloudError
+from .listen import POLL_S, FeedListener
+from .pullframe import encode_pull_packed
+from .rows import TableIO
+from .schema import migrate
+
+CLOUD_ORIGIN = "cloud"
+_SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_DUMMY_HASH = hashlib.sha256(b"no such device").digest()
+_TEXT_ERRORS = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+_VALUE_TYPES = (str, int, bytes, type(None))  # bool is an int
+
+
+def wall_clock() -> HybridClock:
+    """A hybrid logical clock over this machine's wall clock."""
+    return HybridClock(now_ms=lambda: time.time_ns() // 1_000_000)
+
+
+def _secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _check_storable(change: Change) -> None:
+    # What the cloud stores must fit Postgres: seq and hlc in bigint, and ``old`` (kept for
+    # people reviewing conflicts) made of plain values.
+    if change.seq > INT64_MAX or change.hlc > INT64_MAX:
+        raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, "seq and hlc must fit in 64 bits")
+    if change.old is not None:
+        for name, value in change.old.items():
+            if not isinstance(name, str) or not isinstance(value, _VALUE_TYPES):
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CHANGE, f"old value of {name!r} is not a plain value"
+                )
+
+
+class CloudStore:
+    """Sites, devices, ingest, feed and conflicts over an asyncpg pool."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        registry: Registry,
+        clock: HybridClock,
+        listener: FeedListener | None,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+    ) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.registry = registry
+        self.clock = clock
+        self.listener = listener
+        self.io: dict[str, TableIO] = {spec.name: TableIO(spec) for spec in registry}
+        self._releasing = False
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        registry: Registry,
+        *,
+        clock: HybridClock | None = None,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        listen: bool = True,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+    ) -> Self:
+        """Connect, run migrations, and start listening for feed notifications."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=pool_min,
+            max_size=pool_max,
+            server_settings={"application_name": "fynlo-cloud", "jit": "off"},
+        )
+        listener = FeedListener(dsn) if listen else None
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, registry)
+            if listener is not None:
+                await listener.start()
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, registry, clock or wall_clock(), listener, limits)
+
+    def release_waiters(self) -> None:
+        """Answer every held long-poll now and hold no more (the service is shutting down)."""
+        self._releasing = True
+        if self.listener is not None:
+            self.listener.wake_all()
+
+    async def close(self) -> None:
+        """Stop listening and close the pool."""
+        self.release_waiters()
+        if self.listener is not None:
+            await self.listener.close()
+        await self.pool.close()
+
+    # -- sites and devices ------------------------------------------------------------------
+
+    async def register_site(self, name: str, site_id: str | None = None) -> str:
+        """Create a site; returns its id (generated when not given)."""
+        site_id = site_id or f"site_{secrets.token_hex(6)}"
+        if not _SITE_ID.fullmatch(site_id):
+            raise CloudError(
+                CloudCode.BAD_REQUEST,
+                "a site id is 1-64 letters, digits, '_', '.', ':' or '-'",
+                site=site_id,
+            )
+        try:
+            await self.pool.execute(
+                "INSERT INTO sites (site_id, name) VALUES ($1, $2)", site_id, name
+            )
+        except asyncpg.UniqueViolationError:
+            raise CloudError(CloudCode.SITE_EXISTS, f"site {site_id!r} exists") from None
+        return site_id
+
+    async def register_device(self, site_id: str, name: str) -> tuple[str, str]:
+        """Register a node (edge box) to a site; returns (node_id, bearer token)."""
+        node_id = f"node_{secrets.token_hex(8)}"
+        secret = secrets.token_urlsafe(32)
+        try:
+            await self.pool.execute(
+                "INSERT INTO devices (node_id, site_id, name, secret_hash) VALUES ($1, $2, $3, $4)",
+                node_id,
+                site_id,
+                name,
+                _secret_hash(secret),
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise CloudError(CloudCode.SITE_NOT_FOUND, f"no site {site_id!r}") from None
+        return node_id, f"{node_id}.{secret}"
+
+    async def revoke_device(self, site_id: str, node_id: str) -> bool:
+        """Revoke a node's credential; returns whether it existed."""
+        done = await self.pool.execute(
+            "UPDATE devices SET revoked = true WHERE site_id = $1 AND node_id = $2",
+            site_id,
+            node_id,
+        )
+        return bool(done.endswith(" 1"))
+
+    async def authenticate(self, token: str) -> tuple[str, str]:
+        """The (site_id, node_id) of a device token, or UNAUTHORIZED."""
+        node_id, _, secret = token.partition(".")
+        row = None
+        if node_id and secret:
+            row = await self.pool.fetchrow(
+                "SELECT site_id, secret_hash, revoked FROM devices WHERE node_id = $1", node_id
+            )
+        stored = bytes(row["secret_hash"]) if row is not None else _DUMMY_HASH
+        matches = hmac.compare_digest(_secret_hash(secret), stored)
+        if row is None or not matches or row["revoked"]:
+            raise RemoteProtocolError(ErrorCode.UNAUTHORIZED, "unknown or revoked credential")
+        return str(row["site_id"]), node_id
+
+    async def head(self, site_id: str) -> int:
+        """The site's feed head (highest rev allocated)."""
+        head = await self.pool.fetchval("SELECT feed_head FROM sites WHERE site_id = $1", site_id)
+        if head is None:
+            raise CloudError(CloudCode.SITE_NOT_FOUND, f"no site {site_id!r}", site=site_id)
+        return int(head)
+
+    # -- ingest and writes ------------------------------------------------------------------
+
+    def _validate(
+        self, changes: Sequence[Change], author: Author
+    ) -> list[tuple[TableSpec, Change]]:
+        get = self.registry.get
+        pairs = []
+        for change in changes:
+            spec = get(change.table)
+            validate_change(spec, change, author)
+            _check_storable(change)
+            pairs.append((spec, change))
+        return pairs
+
+    async def _apply(
+        self,
+        conn: asyncpg.Connection,
+        site_id: str,
+        pairs: Sequence[tuple[TableSpec, Change]],
+        head: int,
+    ) -> Applied:
+        try:
+            keys = [(c.table, c.pk) for _, c in pairs]
+            applied = apply_all(pairs, await load_states(conn, self.io, site_id, keys), head)
+            await persist(conn, self.io, site_id, applied)
+        except _TEXT_ERRORS as exc:
+            raise RemoteProtocolError(
+                ErrorCode.INVALID_CHANGE, f"a text value cannot be stored: {exc}"
+            ) from None
+        return applied
+
+    async def ingest(
+        self, site_id: str, node_id: str, batch: wire.PushBatch, hlc_now: int, server_ms: int
+    ) -> wire.PushAck:
+        """Apply a node's push batch exactly once; the whole batch or nothing."""
+        if batch.site != site_id or batch.node != node_id:
+            raise RemoteProtocolError(
+                ErrorCode.SITE_MISMATCH, "the batch names another site or node than its sender"
+            )
+        pairs = self._validate(batch.changes, Author.EDGE)
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await lock_site(conn, site_id)
+            watermark = await conn.fetchval(
+                "SELECT last_seq FROM ledger WHERE site_id = $1 AND origin = $2 FOR UPDATE",
+                site_id,
+                node_id,
+            )
+            watermark = int(watermark or 0)
+            if batch.first > watermark + 1:
+                raise RemoteProtocolError(
+                    ErrorCode.SEQUENCE_GAP,
+                    f"batch starts at seq {batch.first}; the cloud has applied through {watermark}",
+                    expected=watermark + 1,
+                )
+            segments: list[tuple[int, int, int]] = []
+            if batch.first <= watermark:
+                # Resent changes: tell the edge at which revs they took effect back then.
+                segments = [
+                    (r[0], r[1], r[2])
+                    for r in await conn.fetch(
+                        "SELECT first_seq, last_seq, first_rev FROM segments"
+                        " WHERE site_id = $1 AND origin = $2 AND last_seq >= $3"
+                        " AND first_seq <= $4 ORDER BY last_seq",
+                        site_id,
+                        node_id,
+                        batch.first,
+                        batch.last,
+                    )
+                ]
+            fresh = pairs[watermark + 1 - batch.first :] if watermark >= batch.first else pairs
+            outcomes: dict[str, int] = {}
+            first_new, first_rev = watermark + 1, head + 1
+            if fresh:
+                applied = await self._apply(conn, site_id, fresh, head)
+                head, watermark = applied.head, batch.last
+                outcomes.update(applied.outcomes)
+                segments.append((first_new, watermark, first_rev))
+            await conn.execute(
+                "WITH mark AS ("
+                "  INSERT INTO ledger (site_id, origin, last_seq) VALUES ($1, $2, $3)"
+                "  ON CONFLICT (site_id, origin)"
+                "  DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()"
+                "  WHERE ledger.last_seq <> EXCLUDED.last_seq),"
+                " segment AS ("
+                "  INSERT INTO segments (site_id, origin, first_seq, last_seq, first_rev)"
+                "  SELECT $1, $2, $4::bigint, $3::bigint, $5::bigint WHERE $3 >= $4)"
+                " UPDATE devices SET last_push_at = now() WHERE site_id = $1 AND node_id = $2",
+                site_id,
+                node_id,
+                watermark,
+                first_new,
+                first_rev,
+            )
+        if fresh:
+            self._wake(site_id)
+        outcomes["duplicate"] = len(pairs) - len(fresh)
+        return wire.PushAck(watermark, head, outcomes, server_ms, hlc_now, tuple(segments))
+
+    async def write(
+        self,
+        site_id: str,
+        writes: Sequence[tuple[str, str, Op, Mapping[str, Value]]],
+        origin: str = CLOUD_ORIGIN,
+    ) -> int:
+        """Apply cloud-authored (table, pk, op, fields) in one transaction; returns the head."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await lock_site(conn, site_id)
+            if not writes:
+                return head
+            changes = [
+                Change(origin, head + i, table, pk, Op(op), dict(fields), head, self.clock.now())
+                for i, (table, pk, op, fields) in enumerate(writes, start=1)
+            ]
+            pairs = self._validate(changes, Author.CLOUD)
+            applied = await self._apply(conn, site_id, pairs, head)
+        self._wake(site_id)
+        return applied.head
+
+    def _wake(self, site_id: str) -> None:
+        # This worker's own commits wake its waiters at once (NOTIFY also arrives, later).
+        if self.listener is not None:
+            self.listener.wake(site_id)
+
+    # -- feed -------------------------------------------------------------------------------
+
+    async def pull(self, site_id: str, node_id: str | None, cursor: int, limit: int) -> bytes:
+        """A pull frame with the site's feed entries after ``cursor``, at most ``limit``."""
+        if limit < 1:
+            raise CloudError(CloudCode.BAD_REQUEST, "limit must be positive")
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(
+                "SELECT s.feed_head,"
+                " (SELECT count(*) FROM conflicts c"
+                "  WHERE c.site_id = $1 AND c.resolved_at IS NULL) AS open_conflicts,"
+                " f.rev, f.entry"
+                " FROM sites s LEFT JOIN LATERAL ("
+                "  SELECT rev, entry FROM feed WHERE site_id = $1 AND rev > $2"
+                "  ORDER BY rev LIMIT $3) f ON true"
+                " WHERE s.site_id = $1 ORDER BY f.rev",
+                site_id,
+                cursor,
+                limit + 1,
+            )
+            if not records:
+                raise CloudError(CloudCode.SITE_NOT_FOUND, f"no site {site_id!r}", site=site_id)
+            head, open_conflicts = int(records[0][0]), int(records[0][1])
+            if cursor < 0 or cursor > head:
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CURSOR,
+                    f"cursor {cursor} is outside the feed (head {head})",
+                    head=head,
+                )
+            if node_id is not None:
+                await conn.execute(
+                    "UPDATE devices SET pull_cursor = $3, last_pull_at = now()"
+                    " WHERE site_id = $1 AND node_id = $2",
+                    site_id,
+                    node_id,
+                    cursor,
+                )
+        rows = [(r[2], r[3]) for r in records if r[2] is not None]
+        return self._pull_frame(site_id, node_id or "", cursor, head, open_conflicts, rows, limit)
+
+    def _pull_frame(
+        self,
+        site_id: str,
+        node_id: str,
+        cursor: int,
+        head: int,
+        open_conflicts: int,
+        rows: list[tuple[int, bytes]],
+        limit: int,
+    ) -> bytes:
+        more = len(rows) > limit
+        rows = rows[:limit]
+        while True:
+            try:
+                return encode_pull_packed(
+                    site_id,
+                    node_id,
+                    cursor,
+                    head,
+                    [entry for _, entry in rows],
+                    next_cursor=rows[-1][0] if rows else cursor,
+                    more=more,
+                    conflicts=open_conflicts,
+                    server_ms=self.clock.now_ms(),
+                    hlc=self.clock.now(),
+                    limits=self.limits,
+                )
+            except LocalProtocolError as exc:
+                # Huge rows: a shorter page always continues correctly from its last rev.
+                if exc.code is not ErrorCode.BATCH_TOO_LARGE or len(rows) < 2:
+                    raise
+                rows, more = rows[: len(rows) // 2], True
+
+    async def wait_for_feed(self, site_id: str, after_rev: int, wait_s: float) -> int:
+        """Wait until the site's head passes ``after_rev`` or ``wait_s`` pass; returns the head."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            listener = self.listener
+            fut = listener.future(site_id) if listener is not None else None
+            head = await self.head(site_id)
+            if head != after_rev or self._releasing:  # moved on, or a bad cursor, or closing
+                return head
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return head
+            if fut is None or listener is None or not listener.connected:
+                await asyncio.sleep(min(remaining, POLL_S))  # no notifications: poll the head
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), remaining)
+            except TimeoutError:
+                pass
+
+    # -- conflicts --------------------------------------------------------------------------
+
+    async def conflicts(self, site_id: str, open_only: bool = True) -> list[dict[str, Any]]:
+        """The site's parked conflicts, oldest first."""
+        where = " WHERE site_id = $1" + (" AND resolved_at IS NULL" if open_only else "")
+        records = await self.pool.fetch(conflict_store.SELECT_SQL + where + " ORDER BY id", site_id)
+        return [conflict_store.conflict_dict(r) for r in records]
+
+    async def resolve_conflict(
+        self,
+        site_id: str,
+        conflict_id: int,
+        choose: object,
+        values: object = None,
+        by: str = "",
+    ) -> tuple[dict[str, Any], int]:
+        """Resolve a parked conflict; returns the resolved conflict and the feed rev."""
+        choice, chosen = conflict_store.parse_choice(choose, values)
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await lock_site(conn, site_id)
+            record = await conn.fetchrow(
+                conflict_store.SELECT_SQL + " WHERE site_id = $1 AND id = $2 FOR UPDATE",
+                site_id,
+                conflict_id,
+            )
+            if record is None:
+                raise RemoteProtocolError(
+                    ErrorCode.CONFLICT_NOT_FOUND, f"no conflict {conflict_id} at this site"
+                )
+            conflict = conflict_store.conflict_dict(record)
+            if conflict["resolved_at_ms"] is not None:
+                raise RemoteProtocolError(
+                    ErrorCode.CONFLICT_RESOLVED, f"conflict {conflict_id} is already resolved"
+                )
+            spec = self.registry.get(conflict["table"])
+            key: Key = (spec.name, conflict["pk"])
+            current = (await load_states(conn, self.io, site_id, [key])).get(key)
+            write = conflict_store.resolution_write(spec, conflict, current, choice, chosen)
+            if write is None:
+                # Keep the cloud's row, but publish it again so every edge re-reads it.
+                applied = touch(key, current, head) if current is not None else Applied(head)
+                await persist(conn, self.io, site_id, applied)
+            else:
+                op, fields = write
+                change = Change(
+                    CLOUD_ORIGIN, head + 1, spec.name, key[1], op, fields, head, self.clock.now()
+                )
+                if fields or op is Op.DELETE:
+                    # A person may settle any table (hence its own author). A bare revival
+                    # (no columns) only flips the row's existence: nothing to check.
+                    validate_change(spec, change, spec.author)
+                applied = await self._apply(conn, site_id, [(spec, change)], head)
+            resolution = {"choose": choice.value, "values": dict(write[1]) if write else {}}
+            record = await conn.fetchrow(
+                "UPDATE conflicts SET resolved_at = now(), resolution = $3::jsonb,"
+                f" resolved_by = $4 WHERE site_id = $1 AND id = $2"
+                f" RETURNING {conflict_store.COLUMNS}",
+                site_id,
+                conflict_id,
+                conflict_store.dumps(resolution),
+                by,
+            )
+        self._wake(site_id)
+        return conflict_store.conflict_dict(record), applied.head
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def rows(self, site_id: str, table: str) -> dict[str, dict[str, Value]]:
+        """The live rows of one synced table of a site: ``{pk: {column: value}}``."""
+        io = self.io[self.registry.get(table).name]
+        async with self.pool.acquire() as conn:
+            return await io.live_rows(conn, site_id)
+
+    async def checksums(self, site_id: str) -> dict[str, checksum.Checksum]:
+        """Per-table checksums of a site's live rows (columns in spec order)."""
+        out: dict[str, checksum.Checksum] = {}
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            for name, io in self.io.items():
+                rows = await io.live_rows(conn, site_id)
+                out[name] = checksum.table_checksum(rows.items(), io.names)
+        return out
+
+    async def status(self, site_id: str | None = None) -> list[dict[str, Any]]:
+        """Per-site lag: feed head, each node's watermark and pull cursor, open conflicts."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            sites = await conn.fetch(
+                "SELECT s.site_id, s.name, s.feed_head,"
+                " (SELECT count(*) FROM conflicts c"
+                "  WHERE c.site_id = s.site_id AND c.resolved_at IS NULL) AS open_conflicts"
+                " FROM sites s WHERE $1::text IS NULL OR s.site_id = $1 ORDER BY s.site_id",
+                site_id,
+            )
+            nodes = await conn.fetch(
+                "SELECT d.site_id, d.node_id, d.name, d.revoked, d.pull_cursor,"
+                " d.last_push_at, d.last_pull_at, COALESCE(l.last_seq, 0) AS watermark"
+                " FROM devices d LEFT JOIN ledger l"
+                "  ON l.site_id = d.site_id AND l.origin = d.node_id"
+                " WHERE $1::text IS NULL OR d.site_id = $1 ORDER BY d.site_id, d.node_id",
+                site_id,
+            )
+        by_site: dict[str, list[dict[str, Any]]] = {}
+        heads = {s["site_id"]: int(s["feed_head"]) for s in sites}
+        for n in nodes:
+            cursor = n["pull_cursor"]
+            by_site.setdefault(n["site_id"], []).append(
+                {
+                    "node_id": n["node_id"],
+                    "name": n["name"],
+                    "revoked": n["revoked"],
+                    "watermark": int(n["watermark"]),
+                    "pull_cursor": cursor,
+                    "lag_revs": heads.get(n["site_id"], 0) - (cursor or 0),
+                    "last_push_at_ms": _ms(n["last_push_at"]),
+                    "last_pull_at_ms": _ms(n["last_pull_at"]),
+                }
+            )
+        return [
+            {
+                "site_id": s["site_id"],
+                "name": s["name"],
+                "feed_head": int(s["feed_head"]),
+                "open_conflicts": int(s["open_conflicts"]),
+                "nodes": by_site.get(s["site_id"], []),
+            }
+            for s in sites
+        ]
+
+
+def _ms(value: Any) -> int | None:
+    return None if value is None else int(value.timestamp() * 1000)

@@ -1,0 +1,155 @@
+"""The edge's aiohttp application: sync status and the local conflicts mirror.
+
+``create_app(config)`` builds the app; the store and the uplink are long-lived resources
+owned by ``cleanup_ctx`` (opened at start-up in that order, closed in reverse), so the
+uplink always stops before the store closes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from shared.registry import default_registry
+from sync_protocol.errors import SyncError
+from sync_protocol.schema import Registry
+
+from .config import EdgeConfig
+from .errors import EdgeError
+from .state import StoreStatus
+from .store import EdgeStore, wall_clock_ms
+from .uplink import Uplink, UplinkStatus
+
+CONFIG_KEY = web.AppKey("config", EdgeConfig)
+REGISTRY_KEY = web.AppKey("registry", Registry)
+STORE_KEY = web.AppKey("store", EdgeStore)
+UPLINK_KEY = web.AppKey("uplink", Uplink)
+
+routes = web.RouteTableDef()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_dumps = partial(json.dumps, default=_json_default)
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def status_body(store: StoreStatus, uplink: UplinkStatus | None) -> dict[str, Any]:
+    """The ``/v1/sync/status`` document from the store's and the uplink's status."""
+    successes = [store.last_push_ok_ms, store.last_pull_ok_ms]
+    if uplink is not None:
+        successes.append(uplink.last_ok_ms)
+    last_ok = max((ms for ms in successes if ms), default=None)
+    catchup: dict[str, Any] = {
+        "pushed": 0,
+        "push_backlog": store.outbox_depth,
+        "push_rate": 0.0,
+        "pulled": 0,
+        "pull_backlog": max(0, store.cloud_head - store.pull_cursor),
+        "pull_rate": 0.0,
+    }
+    if uplink is not None:
+        catchup.update(uplink.to_dict()["catchup"])
+    return {
+        "online": bool(uplink and uplink.online),
+        "uplink_running": bool(uplink and uplink.running),
+        "outbox_depth": store.outbox_depth,
+        "oldest_unsynced_age_ms": store.oldest_unsynced_age_ms,
+        "last_success_at": _iso(last_ok),
+        "last_success_ms": last_ok,
+        "last_error": None if uplink is None or uplink.last_error is None
+        else uplink.to_dict()["last_error"],
+        "stuck": uplink.stuck if uplink is not None else None,
+        "open_conflicts": store.open_conflicts,
+        "clock_skew_ms": uplink.clock_skew_ms if uplink is not None else None,
+        "last_seq": store.last_seq,
+        "acked_through": store.acked_through,
+        "pull_cursor": store.pull_cursor,
+        "cloud_head": store.cloud_head,
+        "catchup": catchup,
+    }  # fmt: skip
+
+
+@routes.get("/v1/sync/status")
+async def sync_status(request: web.Request) -> web.Response:
+    """Sync health: outbox depth and age, link state, conflicts, skew, catch-up progress."""
+    app = request.app
+    store_status = await app[STORE_KEY].status(wall_clock_ms())
+    uplink = app.get(UPLINK_KEY)
+    body = status_body(store_status, uplink.status() if uplink is not None else None)
+    return web.json_response(body, dumps=_dumps)
+
+
+@routes.get("/v1/sync/conflicts")
+async def sync_conflicts(request: web.Request) -> web.Response:
+    """The site's open parked conflicts, as last mirrored from the cloud (works offline)."""
+    conflicts = await request.app[STORE_KEY].conflicts()
+    return web.json_response({"conflicts": conflicts}, dumps=_dumps)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn sync and edge errors into their HTTP status and a JSON error body."""
+    try:
+        return await handler(request)
+    except (SyncError, EdgeError) as exc:
+        return web.json_response(exc.to_dict(), status=exc.status, dumps=_dumps)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    store = await EdgeStore.open(
+        config.db_path,
+        app[REGISTRY_KEY],
+        config.site_id,
+        config.effective_node_id,
+        synchronous=config.synchronous,
+    )
+    app[STORE_KEY] = store
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+async def _uplink_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    if not config.uplink_enabled:
+        yield
+        return
+    uplink = Uplink(app[STORE_KEY], config.cloud.url, config.cloud.token, config.sync)
+    await uplink.start()
+    app[UPLINK_KEY] = uplink
+    try:
+        yield
+    finally:
+        await uplink.stop()
+
+
+def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Application:
+    """Build the edge application for ``config`` (the registry defaults to the shared one)."""
+    if not config.site_id or not config.effective_node_id:
+        raise ValueError("site_id and node_id (or a '<node_id>.<secret>' token) are required")
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG_KEY] = config
+    app[REGISTRY_KEY] = config.registry(registry or default_registry())
+    app.add_routes(routes)
+    # Order matters: the store opens before the uplink and closes after it.
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_uplink_ctx)
+    return app

@@ -1,0 +1,195 @@
+"""The edge database's schema: numbered migrations, then the registry's tables.
+
+``migrate`` is synchronous (run it with ``asyncio.to_thread`` before opening the async
+connections). It works in three steps, each one transaction:
+
+1. numbered migrations in ``MIGRATIONS`` that are not yet in ``schema_migrations`` run in
+   order, each in its own transaction together with its ``schema_migrations`` row;
+2. the registry step creates every synced table that is missing and adds every missing
+   column (sqlite-utils), so adding a table or a column to ``shared.registry`` needs no
+   hand-written migration. It never drops or retypes anything;
+3. the node's identity (site and node id) is written on first open and checked on every
+   later one: a file that belongs to another node is refused, because reusing its sequence
+   numbers would make the cloud drop this node's changes as duplicates.
+
+Synced tables hold business columns only: ``<name>(id TEXT PRIMARY KEY, <columns>)``, with
+booleans stored as 0/1. ``outbox`` holds this node's changes until every state pulled from
+then on contains them; ``outbox.rev`` is the feed revision at which the cloud applied one
+(from the ack's ``segments``), NULL until known. ``ack_marks`` keeps ``(seq_through, head)``
+of each ack; ``conflicts`` mirrors the cloud's open parked conflicts of the site.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from sync_protocol.schema import ColumnType, Registry
+
+from .errors import EdgeError, EdgeErrorCode
+
+#: the Python type sqlite-utils maps to each column type's SQLite affinity
+SQL_TYPES: dict[ColumnType, type] = {
+    ColumnType.TEXT: str,
+    ColumnType.INT: int,
+    ColumnType.BOOL: int,
+    ColumnType.BYTES: bytes,
+}
+
+#: sync_state keys holding integers, with their initial values
+STATE_DEFAULTS: dict[str, int] = {
+    "last_seq": 0,  #: the highest seq this node has issued (no gaps below it)
+    "sent_through": 0,  #: the highest seq ever sent to the cloud (maybe unacknowledged)
+    "acked_through": 0,  #: the cloud's dedupe watermark for this node, as last acknowledged
+    "pull_cursor": 0,  #: the cloud feed revision this edge has applied everything up to
+    "reflected_through": 0,  #: seqs certainly contained in every row state pulled from now on
+    "cloud_head": 0,  #: the cloud feed head seen on the last pull page
+    "cloud_conflicts": 0,  #: open parked conflicts of the site, per the last pull page
+    "last_push_ok_ms": 0,  #: wall time of the last acknowledged push (0: never)
+    "last_pull_ok_ms": 0,  #: wall time of the last applied pull page (0: never)
+}
+
+#: names the edge uses for its own tables; a synced table may not take them
+RESERVED = frozenset({"schema_migrations", "sync_state", "outbox", "ack_marks", "conflicts"})
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered schema step."""
+
+    version: int
+    name: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+def _core_tables(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE sync_state (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
+    conn.execute(
+        """CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            pk TEXT NOT NULL,
+            op INTEGER NOT NULL,
+            fields BLOB NOT NULL,
+            base INTEGER NOT NULL,
+            hlc INTEGER NOT NULL,
+            old BLOB,
+            rev INTEGER
+        )"""
+    )
+    conn.execute("CREATE INDEX outbox_row ON outbox (tbl, pk, seq)")
+    # last_seq moves with every logged change, inside the statement that logs it.
+    conn.execute(
+        """CREATE TRIGGER outbox_last_seq AFTER INSERT ON outbox BEGIN
+            UPDATE sync_state SET value = NEW.seq WHERE key = 'last_seq' AND value < NEW.seq;
+        END"""
+    )
+    conn.execute("CREATE TABLE ack_marks (seq_through INTEGER PRIMARY KEY, head INTEGER NOT NULL)")
+    conn.execute(
+        """CREATE TABLE conflicts (
+            id TEXT PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            pk TEXT NOT NULL,
+            body BLOB NOT NULL
+        )"""
+    )
+    conn.executemany(
+        "INSERT INTO sync_state (key, value) VALUES (?, ?)", sorted(STATE_DEFAULTS.items())
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "sync core tables", _core_tables),)
+
+
+def _applied(conn: sqlite3.Connection) -> set[int]:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at_ms INTEGER NOT NULL
+        )"""
+    )
+    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def _run_numbered(conn: sqlite3.Connection) -> list[int]:
+    done = _applied(conn)
+    ran: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration.apply(conn)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?, ?, ?)",
+                (migration.version, migration.name, int(time.time() * 1000)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        ran.append(migration.version)
+    return ran
+
+
+def sync_registry_tables(conn: sqlite3.Connection, registry: Registry) -> None:
+    """Create missing synced tables and add missing columns, in one transaction."""
+    reserved = RESERVED & set(registry.names())
+    if reserved:
+        raise ValueError(f"synced tables may not be named {sorted(reserved)}")
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    with db.atomic():
+        for spec in registry:
+            table = db.table(spec.name)
+            wanted = {c.name: SQL_TYPES[c.type] for c in spec.columns}
+            if not table.exists():
+                table.create({"id": str, **wanted}, pk="id", not_null={"id"})
+                continue
+            present = table.columns_dict
+            for name, py_type in wanted.items():
+                if name not in present:
+                    table.add_column(name, py_type)
+
+
+def _check_identity(conn: sqlite3.Connection, site_id: str, node_id: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = dict(
+            conn.execute("SELECT key, value FROM sync_state WHERE key IN ('site_id', 'node_id')")
+        )
+        if not rows:
+            conn.executemany(
+                "INSERT INTO sync_state (key, value) VALUES (?, ?)",
+                [("site_id", site_id), ("node_id", node_id)],
+            )
+        elif rows.get("site_id") != site_id or rows.get("node_id") != node_id:
+            raise EdgeError(
+                EdgeErrorCode.IDENTITY_MISMATCH,
+                f"this database belongs to site {rows.get('site_id')!r} node "
+                f"{rows.get('node_id')!r}, not site {site_id!r} node {node_id!r}",
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def migrate(path: str | Path, registry: Registry, site_id: str, node_id: str) -> list[int]:
+    """Bring the database at ``path`` up to date; returns the migration numbers that ran."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        ran = _run_numbered(conn)
+        sync_registry_tables(conn, registry)
+        _check_identity(conn, site_id, node_id)
+        return ran
+    finally:
+        conn.close()

@@ -1,0 +1,559 @@
+"""The edge's SQLite store: synced rows, the outbox of local changes, and sync cursors.
+
+How it works. One writer connection takes every write under ``BEGIN IMMEDIATE`` behind an
+``asyncio.Lock``; a second connection serves reads from WAL snapshots, so readers never see
+half a transaction and never wait for a writer. Each operation (a local write, an ack, a
+pull page) is one transaction run as its own shielded task: cancelling the caller at any
+await cannot leave a transaction open, and the in-memory copy of ``sync_state`` is replaced
+only after ``COMMIT``, so cursors move only with what they describe.
+
+A local write changes the row and appends a ``Change`` to ``outbox`` in the same
+transaction; ``seq`` is ``last_seq + 1`` and is persisted with it (no gaps: a refused or
+failed write rolls back whole). A pull page replaces each row with the cloud's state plus
+this node's changes that state does not contain yet (``merge.rebase``). Which ones those
+are:
+
+* a change whose feed revision is known (the ack's ``segments``, kept in ``outbox.rev``) is
+  contained in a state at revision ``r`` exactly when its revision is ``<= r``;
+* a change never sent is contained in no state;
+* a change sent but whose revision is unknown (the push is in flight, or its ack had no
+  segments) is *ambiguous*. Ack marks ``(seq_through, head)`` bound it: changes up to the
+  highest mark with ``head <= cursor`` are contained; changes above the lowest mark with
+  ``head >= next`` (or above ``sent_through``) are not. In between, the change is taken as
+  contained. If it was not, the cloud applies it later, which gives the row a newer feed
+  entry that corrects it; the opposite choice would apply a counter delta twice and never
+  notice. The cost is a brief moment, while a push is in flight, in which a row edited
+  concurrently elsewhere shows the cloud's value without this edge's unconfirmed edit.
+
+``reflected_through`` is the longest prefix of this node's changes that every state pulled
+from now on contains (revision or ack mark at or below the pull cursor); those leave the
+outbox, with ack marks no longer needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import msgpack
+
+from sync_protocol.changes import Change, Op, RowState, Value, Values
+from sync_protocol.checksum import Checksum, table_checksum
+from sync_protocol.errors import ErrorCode, RemoteProtocolError
+from sync_protocol.hlc import HybridClock
+from sync_protocol.merge import apply_local, rebase, validate_change
+from sync_protocol.schema import Author, Registry
+from sync_protocol.wire import PullPage, PushAck
+
+from .errors import EdgeError, EdgeErrorCode
+from .migrations import migrate
+from .state import STATE_KEYS, Cursors, State, StoreStatus, state_from, store_status
+from .state import status_from_file as status_from_file
+from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, pack, prepare_write
+
+T = TypeVar("T")
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+Write = tuple[str, str, Op | int, Values]
+
+_CHUNK = 400  # (tbl, pk) pairs per IN (VALUES …) lookup
+
+
+def wall_clock_ms() -> int:
+    """The machine's wall clock in ms since the epoch (the default ``now_ms``)."""
+    return time.time_ns() // 1_000_000
+
+
+class EdgeStore:
+    """Synced rows, the outbox and sync cursors of one edge node, in one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        registry: Registry,
+        site_id: str,
+        node_id: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        state: State,
+        clock: HybridClock,
+    ) -> None:
+        self.path = path
+        self.registry = registry
+        self.site_id = site_id
+        self.node_id = node_id
+        self.clock = clock
+        #: set after every committed local write (the uplink waits on it to push at once)
+        self.changed = asyncio.Event()
+        self._writer = writer
+        self._reader = reader
+        self._state = state
+        self._tables = {spec.name: TableIO(spec) for spec in registry}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        registry: Registry,
+        site_id: str,
+        node_id: str,
+        *,
+        now_ms: Callable[[], int] = wall_clock_ms,
+        synchronous: Synchronous = "FULL",
+    ) -> EdgeStore:
+        """Migrate the file at ``path`` and open it for ``node_id`` of ``site_id``."""
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous}")
+        path = Path(path)
+        await asyncio.to_thread(migrate, path, registry, site_id, node_id)
+        writer = await aiosqlite.connect(str(path), isolation_level=None)
+        reader: aiosqlite.Connection | None = None
+        try:
+            for pragma in ("busy_timeout = 5000", "journal_mode = WAL"):
+                await writer.execute(f"PRAGMA {pragma}")
+            await writer.execute(f"PRAGMA synchronous = {synchronous}")
+            reader = await aiosqlite.connect(str(path), isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout = 5000")
+            await reader.execute("PRAGMA query_only = ON")
+            state = state_from(await writer.execute_fetchall("SELECT key, value FROM sync_state"))
+            clock = HybridClock(now_ms)
+            row = await writer.execute_fetchall("SELECT max(hlc) FROM outbox")
+            clock.last = max(clock.last, next(iter(row))[0] or 0)
+        except BaseException:
+            await writer.close()
+            if reader is not None:
+                await reader.close()
+            raise
+        return cls(path, registry, site_id, node_id, writer, reader, state, clock)
+
+    async def close(self) -> None:
+        """Wait for the transaction in progress, then close both connections."""
+        if self._closed:
+            return
+        async with self._lock:
+            self._closed = True
+            await self._writer.close()
+            await self._reader.close()
+
+    async def __aenter__(self) -> EdgeStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    async def _transact(self, body: Callable[[State], Awaitable[T]], local: bool = False) -> T:
+        """Run ``body`` in one write transaction that a cancelled caller cannot interrupt."""
+        if self._closed:
+            raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
+        task = asyncio.ensure_future(self._run(body, local))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _run(self, body: Callable[[State], Awaitable[T]], local: bool) -> T:
+        async with self._lock:
+            if self._closed:
+                raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
+            conn = self._writer
+            if conn.in_transaction:  # never expected; refuse to build on a stray transaction
+                await conn.execute("ROLLBACK")
+            staged = replace(self._state)
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await body(staged)
+                await self._save_state(staged)
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+            self._state = staged
+            if local:  # even if the caller was cancelled meanwhile, the uplink must know
+                self.changed.set()
+            return result
+
+    async def _save_state(self, staged: State) -> None:
+        old = self._state
+        changed = [
+            (k, getattr(staged, k))
+            for k in STATE_KEYS
+            if getattr(old, k) != getattr(staged, k) and k != "last_seq"  # kept by a trigger
+        ]
+        if len(changed) == 1:
+            await self._writer.execute(
+                "UPDATE sync_state SET value = ? WHERE key = ?", (changed[0][1], changed[0][0])
+            )
+        elif changed:
+            await self._writer.executemany(
+                "UPDATE sync_state SET value = ? WHERE key = ?", [(v, k) for k, v in changed]
+            )
+
+    # -- local writes ----------------------------------------------------------------------
+
+    async def write(self, table: str, pk: str, op: Op | int, fields: Values) -> Change:
+        """Write one row and log the change, in one transaction; returns the change."""
+        return (await self.write_many([(table, pk, op, fields)]))[0]
+
+    async def write_many(self, writes: Sequence[Write]) -> list[Change]:
+        """Write several rows atomically (all or nothing); returns their changes in order."""
+        prepared = [
+            prepare_write(self._io(table), pk, op, fields) for table, pk, op, fields in writes
+        ]
+        if not prepared:
+            return []
+
+        async def body(st: State) -> list[Change]:
+            return await self._write_rows(st, prepared)
+
+        return await self._transact(body, local=True)
+
+    async def _write_rows(
+        self, st: State, writes: list[tuple[TableIO, str, Op, dict[str, Value]]]
+    ) -> list[Change]:
+        conn = self._writer
+        seen: dict[tuple[str, str], dict[str, Value] | None] = {}
+        changes: list[Change] = []
+        for io, pk, op, fields in writes:
+            key = (io.spec.name, pk)
+            current = seen[key] if key in seen else await self._load_row(conn, io, pk)
+            old: dict[str, Value] | None = None
+            if current is not None and op is Op.UPDATE:
+                old = {name: current.get(name) for name in fields}
+            elif current is not None and op is Op.DELETE:
+                old = dict(current)
+            change = Change(
+                self.node_id,
+                st.last_seq + 1,
+                io.spec.name,
+                pk,
+                op,
+                fields,
+                st.pull_cursor,
+                self.clock.now(),
+                old,
+            )
+            validate_change(io.spec, change, Author.EDGE)
+            if op is Op.DELETE:
+                await conn.execute(io.delete, (pk,))
+                seen[key] = None
+            else:
+                values = apply_local(io.spec, current, op, fields)
+                await conn.execute(io.upsert, io.params(pk, values))
+                seen[key] = values
+            await conn.execute(
+                f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    change.seq,
+                    change.table,
+                    pk,
+                    int(op),
+                    pack(fields),
+                    change.base,
+                    change.hlc,
+                    pack(old),
+                ),
+            )
+            st.last_seq = change.seq
+            changes.append(change)
+        return changes
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _io(self, table: str) -> TableIO:
+        io = self._tables.get(table)
+        if io is None:
+            raise RemoteProtocolError(ErrorCode.UNKNOWN_TABLE, f"table {table!r} is not synced")
+        return io
+
+    @staticmethod
+    async def _load_row(
+        conn: aiosqlite.Connection, io: TableIO, pk: str
+    ) -> dict[str, Value] | None:
+        rows = list(await conn.execute_fetchall(io.select_one, (pk,)))
+        return io.values(rows[0]) if rows else None
+
+    async def get(self, table: str, pk: str) -> dict[str, Value] | None:
+        """A row's values (committed), or None."""
+        return await self._load_row(self._reader, self._io(table), pk)
+
+    async def rows(self, table: str) -> dict[str, dict[str, Value]]:
+        """Every row of a table, by primary key."""
+        io = self._io(table)
+        return {
+            row[0]: io.values(row) for row in await self._reader.execute_fetchall(io.select_all)
+        }
+
+    async def checksum(self, table: str) -> Checksum:
+        """The table's additive checksum, comparable with the cloud's."""
+        io = self._io(table)
+        return table_checksum((await self.rows(table)).items(), io.names)
+
+    async def outbox_after(self, seq: int, limit: int) -> list[Change]:
+        """Up to ``limit`` logged changes with a sequence number above ``seq``, in order."""
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [change_from_row(self.node_id, row) for row in rows]
+
+    def cursors(self) -> Cursors:
+        """The committed cursors."""
+        s = self._state
+        return Cursors(
+            s.last_seq,
+            s.sent_through,
+            s.acked_through,
+            s.pull_cursor,
+            s.reflected_through,
+            s.cloud_head,
+        )
+
+    async def status(self, now_ms: int | None = None) -> StoreStatus:
+        """Outbox depth and age, cursors, conflicts and last successes."""
+        state = self._state
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT hlc FROM outbox WHERE seq = ?", (state.acked_through + 1,)
+            )
+        )
+        now = self.clock.now_ms() if now_ms is None else now_ms
+        return store_status(state, rows[0][0] if rows else None, now)
+
+    # -- push bookkeeping ------------------------------------------------------------------
+
+    async def mark_sent(self, through: int) -> None:
+        """Record that changes up to ``through`` are about to be sent (the cloud may apply them)."""
+
+        async def body(st: State) -> None:
+            st.sent_through = max(st.sent_through, min(through, st.last_seq))
+
+        if through > self._state.sent_through:
+            await self._transact(body)
+
+    async def mark_unsent(self) -> None:
+        """The last push was refused whole: nothing past the acknowledged watermark is applied."""
+
+        async def body(st: State) -> None:
+            st.sent_through = st.acked_through
+
+        if self._state.sent_through != self._state.acked_through:
+            await self._transact(body)
+
+    async def record_ack(self, ack: PushAck) -> None:
+        """Record the cloud's answer to a push: the watermark and an ack mark."""
+
+        async def body(st: State) -> None:
+            self._check_not_ahead(st, ack.acked_through)
+            st.acked_through = max(st.acked_through, ack.acked_through)
+            st.sent_through = max(st.sent_through, st.acked_through)
+            st.last_push_ok_ms = self.clock.now_ms()
+            if ack.acked_through > 0:
+                await self._writer.execute(
+                    "INSERT INTO ack_marks (seq_through, head) VALUES (?, ?) "
+                    "ON CONFLICT(seq_through) DO UPDATE SET head = min(head, excluded.head)",
+                    (ack.acked_through, ack.head),
+                )
+            segments = [
+                (first_rev, first_seq, first_seq, min(last_seq, ack.acked_through))
+                for first_seq, last_seq, first_rev in ack.segments
+                if first_seq <= last_seq and first_seq <= ack.acked_through
+            ]
+            if segments:
+                await self._writer.executemany(
+                    "UPDATE outbox SET rev = ? + seq - ? WHERE seq BETWEEN ? AND ?", segments
+                )
+            await self._reflect(st)
+
+        await self._transact(body)
+
+    async def record_watermark(self, acked_through: int) -> None:
+        """The cloud already holds changes up to ``acked_through`` (learnt without a head)."""
+
+        async def body(st: State) -> None:
+            self._check_not_ahead(st, acked_through)
+            st.acked_through = max(st.acked_through, acked_through)
+            st.sent_through = max(st.sent_through, st.acked_through)
+
+        await self._transact(body)
+
+    async def rewind_acked(self, acked_through: int) -> None:
+        """The cloud holds less than it acknowledged: resend from ``acked_through + 1``."""
+
+        async def body(st: State) -> None:
+            if acked_through < st.reflected_through:
+                raise EdgeError(
+                    EdgeErrorCode.CHANGES_LOST,
+                    f"the cloud wants seq {acked_through + 1} but this edge kept only "
+                    f"changes after {st.reflected_through}",
+                    expected=acked_through + 1,
+                    oldest_kept=st.reflected_through + 1,
+                )
+            st.acked_through = min(st.acked_through, acked_through)
+            st.sent_through = min(st.sent_through, acked_through)
+            await self._writer.execute(
+                "DELETE FROM ack_marks WHERE seq_through > ?", (acked_through,)
+            )
+
+        await self._transact(body)
+
+    def _check_not_ahead(self, st: State, acked_through: int) -> None:
+        if acked_through > st.last_seq:
+            raise EdgeError(
+                EdgeErrorCode.CLOUD_AHEAD,
+                f"the cloud acknowledges seq {acked_through} but this node wrote only "
+                f"{st.last_seq}",
+                acked_through=acked_through,
+                last_seq=st.last_seq,
+            )
+
+    async def _reflect(self, st: State) -> None:
+        """Advance ``reflected_through`` (revisions and marks at or below the cursor); prune."""
+        by_mark = await self._scalar(
+            "SELECT max(seq_through) FROM ack_marks WHERE head <= ?", (st.pull_cursor,)
+        )
+        first_out = await self._scalar(
+            "SELECT min(seq) FROM outbox WHERE seq > ? AND (rev IS NULL OR rev > ?)",
+            (st.reflected_through, st.pull_cursor),
+        )
+        if first_out is not None:
+            by_rev = first_out - 1
+        else:  # every logged change after reflected_through is at or below the cursor
+            by_rev = await self._scalar(
+                "SELECT max(seq) FROM outbox WHERE seq > ?", (st.reflected_through,)
+            )
+        reflected = min(max(by_mark or 0, by_rev or 0), st.acked_through)
+        if reflected <= st.reflected_through:
+            return
+        st.reflected_through = reflected
+        await self._writer.execute("DELETE FROM outbox WHERE seq <= ?", (reflected,))
+        await self._writer.execute("DELETE FROM ack_marks WHERE seq_through < ?", (reflected,))
+
+    async def _scalar(self, sql: str, params: Sequence[Any]) -> Any:
+        rows = list(await self._writer.execute_fetchall(sql, params))
+        return rows[0][0] if rows else None
+
+    # -- pull ------------------------------------------------------------------------------
+
+    async def apply_page(self, page: PullPage) -> int:
+        """Apply a feed page and move the pull cursor, in one transaction; returns rows written."""
+        latest: dict[tuple[str, str], tuple[TableIO, int, RowState]] = {}
+        for entry in page.entries:  # refuse the whole page before touching anything
+            io = self._io(entry.table)
+            latest[(entry.table, entry.state.pk)] = (io, entry.rev, io.check_state(entry.state))
+        if page.next < page.cursor:
+            raise RemoteProtocolError(ErrorCode.INVALID_CURSOR, "the page goes backwards")
+
+        async def body(st: State) -> int:
+            if page.cursor != st.pull_cursor:
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CURSOR,
+                    f"page starts at {page.cursor} but this edge is at {st.pull_cursor}",
+                )
+            possibly_in = await self._possibly_in(st, page.next)
+            logged = await self._logged(list(latest), st)
+            upserts: dict[TableIO, list[tuple[Value, ...]]] = defaultdict(list)
+            deletes: dict[TableIO, list[tuple[str]]] = defaultdict(list)
+            for key, (io, rev, state) in latest.items():
+                pending = [
+                    change
+                    for change, change_rev in logged.get(key, ())
+                    if (change.seq > possibly_in if change_rev is None else change_rev > rev)
+                ]
+                predicted = rebase(io.spec, state, pending)
+                if predicted.deleted:
+                    deletes[io].append((state.pk,))
+                else:
+                    upserts[io].append(io.params(state.pk, predicted.values))
+            for io, keys in deletes.items():
+                await self._writer.executemany(io.delete, keys)
+            for io, rows in upserts.items():
+                await self._writer.executemany(io.upsert, rows)
+            st.pull_cursor = page.next
+            st.cloud_head = max(page.head, page.next)
+            st.cloud_conflicts = page.conflicts
+            st.last_pull_ok_ms = self.clock.now_ms()
+            await self._reflect(st)
+            return len(latest)
+
+        return await self._transact(body)
+
+    async def _possibly_in(self, st: State, next_rev: int) -> int:
+        """The highest seq the cloud may have applied by feed revision ``next_rev``."""
+        rows = list(
+            await self._writer.execute_fetchall(
+                "SELECT min(seq_through) FROM ack_marks WHERE head >= ?", (next_rev,)
+            )
+        )
+        bound = rows[0][0] if rows and rows[0][0] is not None else st.sent_through
+        return max(min(bound, st.sent_through), st.reflected_through)
+
+    async def _logged(
+        self, keys: list[tuple[str, str]], st: State
+    ) -> dict[tuple[str, str], list[tuple[Change, int | None]]]:
+        """This node's unreflected changes to the given rows with their revisions, in order."""
+        out: dict[tuple[str, str], list[tuple[Change, int | None]]] = defaultdict(list)
+        above = st.reflected_through
+        if st.last_seq <= above or not keys:
+            return out
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            pairs = ", ".join("(?, ?)" for _ in chunk)
+            params: list[Any] = [above]
+            for table, pk in chunk:
+                params += [table, pk]
+            rows = await self._writer.execute_fetchall(
+                f"SELECT {OUTBOX_COLUMNS}, rev FROM outbox "
+                f"WHERE seq > ? AND (tbl, pk) IN (VALUES {pairs}) ORDER BY seq",
+                params,
+            )
+            for row in rows:
+                change = change_from_row(self.node_id, row[:-1])
+                out[(change.table, change.pk)].append((change, row[-1]))
+        return out
+
+    # -- conflicts mirror ------------------------------------------------------------------
+
+    async def replace_conflicts(self, conflicts: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the local mirror of the site's open conflicts (as the cloud lists them)."""
+
+        async def body(st: State) -> None:
+            await self._writer.execute("DELETE FROM conflicts")
+            rows = [
+                (
+                    _conflict_id(c),
+                    str(c.get("table", "")),
+                    str(c.get("pk", "")),
+                    msgpack.packb(dict(c), use_bin_type=True),
+                )
+                for c in conflicts
+            ]
+            await self._writer.executemany(
+                "INSERT OR REPLACE INTO conflicts (id, tbl, pk, body) VALUES (?, ?, ?, ?)", rows
+            )
+            st.cloud_conflicts = len(rows)
+
+        await self._transact(body)
+
+    async def conflicts(self) -> list[dict[str, Any]]:
+        """The mirrored open conflicts of this site, as the cloud described them."""
+        rows = await self._reader.execute_fetchall("SELECT body FROM conflicts ORDER BY id")
+        return [msgpack.unpackb(row[0], raw=False) for row in rows]
+
+
+def _conflict_id(conflict: Mapping[str, Any]) -> str:
+    if conflict.get("id") is not None:
+        return str(conflict["id"])
+    parts = ("change_origin", "change_seq", "table", "pk")
+    return "/".join(str(conflict.get(p, "")) for p in parts)
