@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import msgpack
 
-from sync_protocol.changes import FeedEntry, RowState, Value, Values, Version
+from sync_protocol.changes import RowState, Value, Values, Version
 from sync_protocol.schema import TableSpec
-from sync_protocol.wire import entry_row
+from sync_protocol.wire import state_row
 
 from .schema import META_COLUMNS, PG_TYPES, quote
 
@@ -44,7 +44,7 @@ _PACKER = msgpack.Packer(use_bin_type=True)
 
 def pack_entry(rev: int, table: str, state: RowState) -> bytes:
     """A feed entry packed as its wire row, ready to be stored and served as is."""
-    packed: bytes = _PACKER.pack(entry_row(FeedEntry(rev, table, state)))
+    packed: bytes = _PACKER.pack(state_row(rev, table, state))
     return packed
 
 

@@ -27,7 +27,7 @@ from sync_protocol.changes import Change, Op, Value
 from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
 from sync_protocol.merge import validate_change
-from sync_protocol.schema import INT64_MAX, Author, Registry, TableSpec
+from sync_protocol.schema import Author, Registry, TableSpec
 
 from . import conflicts as conflict_store
 from .apply import Applied, Key, apply_all, load_states, lock_site, persist, touch
@@ -41,7 +41,6 @@ CLOUD_ORIGIN = "cloud"
 _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _DUMMY_HASH = hashlib.sha256(b"no such device").digest()
 _TEXT_ERRORS = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
-_VALUE_TYPES = (str, int, bytes, type(None))  # bool is an int
 
 
 def wall_clock() -> HybridClock:
@@ -51,19 +50,6 @@ def wall_clock() -> HybridClock:
 
 def _secret_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-def _check_storable(change: Change) -> None:
-    # What the cloud stores must fit Postgres: seq and hlc in bigint, and ``old`` (kept for
-    # people reviewing conflicts) made of plain values.
-    if change.seq > INT64_MAX or change.hlc > INT64_MAX:
-        raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, "seq and hlc must fit in 64 bits")
-    if change.old is not None:
-        for name, value in change.old.items():
-            if not isinstance(name, str) or not isinstance(value, _VALUE_TYPES):
-                raise RemoteProtocolError(
-                    ErrorCode.INVALID_CHANGE, f"old value of {name!r} is not a plain value"
-                )
 
 
 class CloudStore:
@@ -203,7 +189,6 @@ class CloudStore:
         for change in changes:
             spec = get(change.table)
             validate_change(spec, change, author)
-            _check_storable(change)
             pairs.append((spec, change))
         return pairs
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 from .errors import ErrorCode, RemoteProtocolError
 
@@ -22,6 +23,7 @@ Value = None | bool | int | str | bytes
 Values = Mapping[str, Value]
 
 MAX_ID_LEN = 128
+INT64_MAX = 2**63 - 1
 
 
 class Op(IntEnum):
@@ -37,15 +39,17 @@ def _bad(message: str) -> RemoteProtocolError:
 
 
 def check_id(kind: str, value: object) -> str:
-    """Refuse an id that is not a non-empty short string."""
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_LEN:
+    """Refuse an id that is not a non-empty short string without NUL characters."""
+    if type(value) is not str or not 0 < len(value) <= MAX_ID_LEN or "\x00" in value:
         raise _bad(f"{kind} must be a non-empty string of at most {MAX_ID_LEN} characters")
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class Version:
-    """Who last wrote a column: the cloud revision, the writer's HLC and its node."""
+class Version(NamedTuple):
+    """Who last wrote a column: the cloud revision, the writer's HLC and its node.
+
+    A named tuple rather than a dataclass: one is built per applied change, on the hot path.
+    """
 
     rev: int
     hlc: int
@@ -67,15 +71,27 @@ class Change:
     old: Values | None = None  #: the values the writer saw before (updates; for manual review)
 
     def __post_init__(self) -> None:
-        check_id("origin", self.origin)
-        check_id("table", self.table)
-        check_id("primary key", self.pk)
-        if type(self.seq) is not int or self.seq < 1:
-            raise _bad("seq must be a positive integer")
-        if type(self.base) is not int or self.base < 0:
-            raise _bad("base must be a non-negative integer")
-        if type(self.hlc) is not int or self.hlc < 0:
-            raise _bad("hlc must be a non-negative integer")
+        origin, table, pk = self.origin, self.table, self.pk
+        if not (
+            type(origin) is str
+            and type(table) is str
+            and type(pk) is str
+            and 0 < len(origin) <= MAX_ID_LEN
+            and 0 < len(table) <= MAX_ID_LEN
+            and 0 < len(pk) <= MAX_ID_LEN
+            and "\x00" not in origin
+            and "\x00" not in table
+            and "\x00" not in pk
+        ):
+            check_id("origin", origin)
+            check_id("table", table)
+            check_id("primary key", pk)
+        if type(self.seq) is not int or not 0 < self.seq <= INT64_MAX:
+            raise _bad("seq must be a positive 64-bit integer")
+        if type(self.base) is not int or not 0 <= self.base <= INT64_MAX:
+            raise _bad("base must be a non-negative 64-bit integer")
+        if type(self.hlc) is not int or not 0 <= self.hlc <= INT64_MAX:
+            raise _bad("hlc must be a non-negative 64-bit integer")
         if not isinstance(self.fields, Mapping):
             raise _bad("fields must be a map")
         if self.op is Op.DELETE and self.fields:

@@ -23,8 +23,9 @@ manual          column by column like smart_merge, but a column changed on both
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
+from typing import NamedTuple
 
 from .changes import Change, Conflict, Op, RowState, Value, Values, Version
 from .errors import ErrorCode, RemoteProtocolError
@@ -48,8 +49,7 @@ class OutcomeKind(StrEnum):
     PARKED = "parked"  #: some columns wait in the manual queue
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The row after a change, how the change landed, and any parked conflict."""
 
     kind: OutcomeKind
@@ -118,17 +118,32 @@ def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
                 ErrorCode.ADD_ONLY, f"{spec.name} rows are never deleted; void them instead"
             )
         return
-    if not change.fields:
+    fields = change.fields
+    if not fields:
         # A write with no columns would leave no trace to order it against a delete.
         raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, "an insert or update names columns")
-    for name, value in change.fields.items():
-        column = spec.column(name)
-        column.check(value)
-        if change.op is Op.UPDATE and column.merge is Merge.IMMUTABLE:
-            raise RemoteProtocolError(
-                ErrorCode.ADD_ONLY if spec.add_only else ErrorCode.INVALID_CHANGE,
-                f"{spec.name}.{name} is set when the row is added and never changed",
-            )
+    by_name = spec.by_name
+    for name, value in fields.items():
+        column = by_name.get(name)
+        if column is None:
+            spec.column(name)  # raises UNKNOWN_FIELD
+        elif value is not None:
+            column.check(value)
+    if change.op is Op.UPDATE and not spec.immutable.isdisjoint(fields):
+        name = next(n for n in fields if n in spec.immutable)
+        raise RemoteProtocolError(
+            ErrorCode.ADD_ONLY if spec.add_only else ErrorCode.INVALID_CHANGE,
+            f"{spec.name}.{name} is set when the row is added and never changed",
+        )
+    if change.old is not None:
+        for name, value in change.old.items():
+            if name not in by_name or not isinstance(value, _PLAIN):
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CHANGE, f"old value of {name!r} is not a known plain value"
+                )
+
+
+_PLAIN = (str, int, bytes, type(None))  # bool is an int
 
 
 def _rank(column: Column, value: Value) -> int:
@@ -152,22 +167,20 @@ def apply_local(
     """The row's values after a local write at the writer (no concurrency there)."""
     if op is Op.DELETE:
         return dict(current or {})
-    values = dict(current) if current is not None else initial_values(spec)
+    values: dict[str, Value] = dict(current if current is not None else spec.defaults)  # type: ignore[arg-type]
+    domain = spec.domain
+    if domain.keys().isdisjoint(fields):
+        values.update(fields)
+        return values
     for name, value in fields.items():
-        column = spec.by_name[name]
-        if column.merge is Merge.LWW or column.merge is Merge.IMMUTABLE:
-            values[name] = value
-        else:
-            values[name] = merge_domain(column, values.get(name), value)
+        column = domain.get(name)
+        values[name] = value if column is None else merge_domain(column, values.get(name), value)
     return values
 
 
 def initial_values(spec: TableSpec) -> dict[str, Value]:
     """Column defaults for a new row (counters start at 0)."""
-    return {
-        c.name: (0 if c.merge is Merge.COUNTER and c.default is None else c.default)  # type: ignore[misc]
-        for c in spec.columns
-    }
+    return dict(spec.defaults)  # type: ignore[arg-type]
 
 
 def _concurrent(version: Version, change: Change) -> bool:
@@ -178,6 +191,8 @@ def _row_versions(state: RowState) -> Iterable[Version]:
     yield state.version
     yield from state.fv.values()
 
+
+_NO_VERSIONS: Mapping[str, Version] = MappingProxyType({})
 
 #: the pseudo-column that records whether the row exists; deletes and writes race on it
 EXISTS = "_exists"

@@ -59,14 +59,16 @@ class TieBreak(StrEnum):
     CLIENT = "client"
 
 
-_PY_TYPES: dict[ColumnType, tuple[type, ...]] = {
-    ColumnType.TEXT: (str,),
-    ColumnType.INT: (int,),
-    ColumnType.BOOL: (bool,),
-    ColumnType.BYTES: (bytes,),
+#: the one Python type each column type accepts (exactly: a bool is not an int here)
+_PY_TYPES: dict[ColumnType, type] = {
+    ColumnType.TEXT: str,
+    ColumnType.INT: int,
+    ColumnType.BOOL: bool,
+    ColumnType.BYTES: bytes,
 }
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+PyType = type
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +81,12 @@ class Column:
     ranks: tuple[str, ...] = ()
     default: object = None
     doc: str = ""
+    pytype: PyType = field(init=False, repr=False, compare=False)
+    rank_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pytype", _PY_TYPES[self.type])
+        object.__setattr__(self, "rank_set", frozenset(self.ranks))
         if not self.name.isidentifier() or self.name.startswith("_"):
             raise ValueError(f"bad column name {self.name!r}")
         if self.merge is Merge.FORWARD and not self.ranks:
@@ -94,20 +100,26 @@ class Column:
         """Refuse a value of the wrong type (None is allowed: columns are nullable)."""
         if value is None:
             return
-        types = _PY_TYPES[self.type]
-        if not isinstance(value, types) or (
-            self.type is ColumnType.INT and isinstance(value, bool)
-        ):
+        kind = type(value)
+        if kind is not self.pytype:
             raise RemoteProtocolError(
                 ErrorCode.INVALID_CHANGE,
-                f"column {self.name} wants {self.type.value}, got {type(value).__name__}",
+                f"column {self.name} wants {self.type.value}, got {kind.__name__}",
             )
-        if self.type is ColumnType.INT and not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
-            raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, f"column {self.name} out of range")
-        if self.merge is Merge.FORWARD and value not in self.ranks:
-            raise RemoteProtocolError(
-                ErrorCode.INVALID_CHANGE, f"column {self.name}: unknown state {value!r}"
-            )
+        if kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CHANGE, f"column {self.name} out of range"
+                )
+        elif kind is str:
+            if "\x00" in value:  # type: ignore[operator]
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CHANGE, f"column {self.name}: text holds a NUL character"
+                )
+            if self.rank_set and value not in self.rank_set:
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_CHANGE, f"column {self.name}: unknown state {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,11 @@ class TableSpec:
     add_only: bool = False
     doc: str = ""
     by_name: Mapping[str, Column] = field(init=False, repr=False, compare=False)
+    #: a new row's values: column defaults, counters at 0
+    defaults: Mapping[str, object] = field(init=False, repr=False, compare=False)
+    #: columns that merge by a domain rule (COUNTER, FORWARD, STICKY)
+    domain: Mapping[str, Column] = field(init=False, repr=False, compare=False)
+    immutable: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name.startswith("_"):
@@ -130,6 +147,16 @@ class TableSpec:
         if len(set(names)) != len(names) or "id" in names:
             raise ValueError(f"table {self.name}: duplicate column or a column named id")
         object.__setattr__(self, "by_name", {c.name: c for c in self.columns})
+        defaults = {
+            c.name: 0 if c.merge is Merge.COUNTER and c.default is None else c.default
+            for c in self.columns
+        }
+        object.__setattr__(self, "defaults", defaults)
+        plain = (Merge.LWW, Merge.IMMUTABLE)
+        domain = {c.name: c for c in self.columns if c.merge not in plain}
+        object.__setattr__(self, "domain", domain)
+        immutable = frozenset(c.name for c in self.columns if c.merge is Merge.IMMUTABLE)
+        object.__setattr__(self, "immutable", immutable)
 
     def column(self, name: str) -> Column:
         """The column called ``name``, or UNKNOWN_FIELD."""

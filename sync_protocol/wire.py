@@ -246,6 +246,9 @@ def _int(value: object, what: str) -> int:
     return value
 
 
+_OPS = {int(op): op for op in Op}
+
+
 def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
     """Verify and decode a push frame into changes with contiguous sequence numbers."""
     frame = decode_frame(data, "push", limits)
@@ -269,11 +272,10 @@ def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
             raise RemoteProtocolError(
                 ErrorCode.SEQUENCE_GAP, f"change {index} has seq {seq}, expected {expected}"
             )
-        try:
-            op = Op(op)
-        except ValueError:
-            raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, f"unknown op {op!r}") from None
-        changes.append(Change(node, seq, table, pk, op, fields, base, hlc, old))
+        kind = _OPS.get(op) if type(op) is int else None
+        if kind is None:
+            raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, f"unknown op {op!r}")
+        changes.append(Change(node, seq, table, pk, kind, fields, base, hlc, old))
         expected += 1
     if last != expected - 1:
         raise _malformed("last does not match the changes carried")
@@ -285,19 +287,23 @@ def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
 
 def entry_row(entry: FeedEntry) -> list[Any]:
     """A feed entry as its wire row."""
-    state = entry.state
+    return state_row(entry.rev, entry.table, entry.state)
+
+
+def state_row(rev: int, table: str, state: RowState) -> list[Any]:
+    """A row state at feed revision ``rev`` as its wire row (versions pack as arrays)."""
+    values = state.values
     v = state.version
-    fv = {k: [x.rev, x.hlc, x.origin] for k, x in state.fv.items()} or None
     return [
-        entry.rev,
-        entry.table,
+        rev,
+        table,
         state.pk,
         state.deleted,
-        dict(state.values),
+        values if type(values) is dict else dict(values),
         v.rev,
         v.hlc,
         v.origin,
-        fv,
+        (state.fv if type(state.fv) is dict else dict(state.fv)) or None,
     ]
 
 

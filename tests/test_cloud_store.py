@@ -225,11 +225,6 @@ BAD_CHANGES: dict[str, tuple[Callable[[str], Change], ErrorCode]] = {
         ErrorCode.INVALID_CHANGE,
     ),
     "NUL in text": (lambda n: line(n, 2, "l2", name="fish\x00"), ErrorCode.INVALID_CHANGE),
-    "NUL in a key": (lambda n: line(n, 2, "l\x002"), ErrorCode.INVALID_CHANGE),
-    "hlc past 64 bits": (
-        lambda n: change(n, 2, "menu_items", "m1", Op.INSERT, {"name": "x"}, hlc=2**63),
-        ErrorCode.INVALID_CHANGE,
-    ),
     "insert without columns": (
         lambda n: change(n, 2, "menu_items", "m1", Op.INSERT, {}),
         ErrorCode.INVALID_CHANGE,

@@ -15,6 +15,7 @@ ALLOWED = {
     "dataclasses",
     "enum",
     "hashlib",
+    "types",
     "typing",
     "zlib",
     "msgpack",

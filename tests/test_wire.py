@@ -194,6 +194,14 @@ def test_change_rows_are_checked() -> None:
         {"first": 1, "last": 1, "changes": [[1, "orders", "", 1, {}, 0, 5, None]]}
     )
     assert _code(empty_pk) is ErrorCode.INVALID_CHANGE
+    nul_pk = _frame_with(
+        {"first": 1, "last": 1, "changes": [[1, "orders", "o\x001", 1, {}, 0, 5, None]]}
+    )
+    assert _code(nul_pk) is ErrorCode.INVALID_CHANGE
+    big_hlc = _frame_with(
+        {"first": 1, "last": 1, "changes": [[1, "orders", "o", 1, {}, 0, 2**63, None]]}
+    )
+    assert _code(big_hlc) is ErrorCode.INVALID_CHANGE
     neg_base = _frame_with(
         {"first": 1, "last": 1, "changes": [[1, "orders", "o", 1, {}, -1, 5, None]]}
     )
