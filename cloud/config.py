@@ -51,6 +51,8 @@ class SyncSettings:
     def __post_init__(self) -> None:
         if self.max_frame_bytes <= 0 or self.max_payload_bytes <= 0 or self.max_records <= 0:
             raise ValueError("frame, payload and record bounds must be positive")
+        if self.max_records > 1_000_000:
+            raise ValueError("max_records is at most 1,000,000 (one batch's revision span)")
         if not 0 < self.pull_limit_default <= self.pull_limit_max <= self.max_records:
             raise ValueError(
                 "need 0 < pull_limit_default <= pull_limit_max <= max_records "

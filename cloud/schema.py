@@ -108,6 +108,13 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        "segments by revision, for the pull page's own-ingest lookup",
+        """
+        CREATE INDEX segments_by_rev ON segments (site_id, origin, first_rev);
+        """,
+    ),
 )
 
 #: names the registry may not use: they are the cloud's own tables

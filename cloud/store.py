@@ -33,11 +33,12 @@ from . import conflicts as conflict_store
 from .apply import Applied, Key, apply_all, load_states, lock_site, persist, touch
 from .errors import CloudCode, CloudError
 from .listen import POLL_S, FeedListener
-from .pullframe import encode_pull_packed
 from .rows import TableIO
 from .schema import migrate
 
 CLOUD_ORIGIN = "cloud"
+#: no push batch spans more revisions than this (decode limits are far below it)
+MAX_BATCH_REVS = 1_000_000
 _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _DUMMY_HASH = hashlib.sha256(b"no such device").digest()
 _TEXT_ERRORS = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
@@ -338,8 +339,30 @@ class CloudStore:
                     node_id,
                     cursor,
                 )
-        rows = [(r[2], r[3]) for r in records if r[2] is not None]
-        return self._pull_frame(site_id, node_id or "", cursor, head, open_conflicts, rows, limit)
+            rows = [(r[2], r[3]) for r in records if r[2] is not None]
+            more = len(rows) > limit
+            rows = rows[:limit]
+            segments: list[tuple[int, int, int]] = []
+            if node_id is not None and rows:
+                # Read after the feed: an ingest committed in between has revs past the page.
+                segments = [
+                    (r[0], r[1], r[2])
+                    for r in await conn.fetch(
+                        "SELECT first_seq, last_seq, first_rev FROM segments"
+                        " WHERE site_id = $1 AND origin = $2 AND first_rev <= $4"
+                        # a segment spans at most one batch of revs: keeps the scan short
+                        " AND first_rev > $3::bigint - $5::bigint"
+                        " AND first_rev + (last_seq - first_seq) > $3 ORDER BY first_rev",
+                        site_id,
+                        node_id,
+                        cursor,
+                        rows[-1][0],
+                        MAX_BATCH_REVS,
+                    )
+                ]
+        return self._pull_frame(
+            site_id, node_id or "", cursor, head, open_conflicts, rows, more, segments
+        )
 
     def _pull_frame(
         self,
@@ -349,13 +372,12 @@ class CloudStore:
         head: int,
         open_conflicts: int,
         rows: list[tuple[int, bytes]],
-        limit: int,
+        more: bool,
+        segments: list[tuple[int, int, int]],
     ) -> bytes:
-        more = len(rows) > limit
-        rows = rows[:limit]
         while True:
             try:
-                return encode_pull_packed(
+                return wire.encode_pull(
                     site_id,
                     node_id,
                     cursor,
@@ -366,6 +388,7 @@ class CloudStore:
                     conflicts=open_conflicts,
                     server_ms=self.clock.now_ms(),
                     hlc=self.clock.now(),
+                    segments=segments,
                     limits=self.limits,
                 )
             except LocalProtocolError as exc:

@@ -13,17 +13,12 @@ failed write rolls back whole). A pull page replaces each row with the cloud's s
 this node's changes that state does not contain yet (``merge.rebase``). Which ones those
 are:
 
-* a change whose feed revision is known (the ack's ``segments``, kept in ``outbox.rev``) is
-  contained in a state at revision ``r`` exactly when its revision is ``<= r``;
-* a change never sent is contained in no state;
-* a change sent but whose revision is unknown (the push is in flight, or its ack had no
-  segments) is *ambiguous*. Ack marks ``(seq_through, head)`` bound it: changes up to the
-  highest mark with ``head <= cursor`` are contained; changes above the lowest mark with
-  ``head >= next`` (or above ``sent_through``) are not. In between, the change is taken as
-  contained. If it was not, the cloud applies it later, which gives the row a newer feed
-  entry that corrects it; the opposite choice would apply a counter delta twice and never
-  notice. The cost is a brief moment, while a push is in flight, in which a row edited
-  concurrently elsewhere shows the cloud's value without this edge's unconfirmed edit.
+* a change whose feed revision is known is contained in a state at revision ``r`` exactly
+  when its revision is ``<= r``. Revisions come with the push answer (its ``segments``) and,
+  so that an answer lost or still on the way leaves no doubt, with every pull page, which
+  carries this node's segments for the revisions it covers;
+* a change without a known revision is in none of the page's states (it was not sent, or
+  its ingest committed after the page was read), so it is re-applied on top.
 
 ``reflected_through`` is the longest prefix of this node's changes that every state pulled
 from now on contains (revision or ack mark at or below the pull cursor); those leave the
@@ -365,15 +360,7 @@ class EdgeStore:
                     "ON CONFLICT(seq_through) DO UPDATE SET head = min(head, excluded.head)",
                     (ack.acked_through, ack.head),
                 )
-            segments = [
-                (first_rev, first_seq, first_seq, min(last_seq, ack.acked_through))
-                for first_seq, last_seq, first_rev in ack.segments
-                if first_seq <= last_seq and first_seq <= ack.acked_through
-            ]
-            if segments:
-                await self._writer.executemany(
-                    "UPDATE outbox SET rev = ? + seq - ? WHERE seq BETWEEN ? AND ?", segments
-                )
+            await self._record_revs(ack.segments, ack.acked_through)
             await self._reflect(st)
 
         await self._transact(body)
@@ -461,7 +448,7 @@ class EdgeStore:
                     ErrorCode.INVALID_CURSOR,
                     f"page starts at {page.cursor} but this edge is at {st.pull_cursor}",
                 )
-            possibly_in = await self._possibly_in(st, page.next)
+            await self._record_revs(page.segments, st.last_seq)
             logged = await self._logged(list(latest), st)
             upserts: dict[TableIO, list[tuple[Value, ...]]] = defaultdict(list)
             deletes: dict[TableIO, list[tuple[str]]] = defaultdict(list)
@@ -469,7 +456,7 @@ class EdgeStore:
                 pending = [
                     change
                     for change, change_rev in logged.get(key, ())
-                    if (change.seq > possibly_in if change_rev is None else change_rev > rev)
+                    if change_rev is None or change_rev > rev
                 ]
                 predicted = rebase(io.spec, state, pending)
                 if predicted.deleted:
@@ -489,15 +476,17 @@ class EdgeStore:
 
         return await self._transact(body)
 
-    async def _possibly_in(self, st: State, next_rev: int) -> int:
-        """The highest seq the cloud may have applied by feed revision ``next_rev``."""
-        rows = list(
-            await self._writer.execute_fetchall(
-                "SELECT min(seq_through) FROM ack_marks WHERE head >= ?", (next_rev,)
+    async def _record_revs(self, segments: Sequence[tuple[int, int, int]], upto: int) -> None:
+        """Store the feed revision of each of this node's changes the segments cover."""
+        rows = [
+            (first_rev, first_seq, first_seq, min(last_seq, upto))
+            for first_seq, last_seq, first_rev in segments
+            if first_seq <= min(last_seq, upto)
+        ]
+        if rows:
+            await self._writer.executemany(
+                "UPDATE outbox SET rev = ? + seq - ? WHERE seq BETWEEN ? AND ?", rows
             )
-        )
-        bound = rows[0][0] if rows and rows[0][0] is not None else st.sent_through
-        return max(min(bound, st.sent_through), st.reflected_through)
 
     async def _logged(
         self, keys: list[tuple[str, str]], st: State

@@ -16,8 +16,10 @@ push
     — all changes from ``node``, sequence numbers contiguous from ``first`` to ``last``.
 pull
     ``{"cursor": rev, "next": rev, "head": rev, "more": bool, "conflicts": int,
-    "server_ms": int, "hlc": int, "entries": [[rev, table, pk, deleted, values,
-    vrev, vhlc, vorigin, fv]…]}`` where ``fv`` is ``{column: [rev, hlc, origin]}`` or nil.
+    "server_ms": int, "hlc": int, "segments": [[first_seq, last_seq, first_rev]…],
+    "entries": [[rev, table, pk, deleted, values, vrev, vhlc, vorigin, fv]…]}`` where ``fv``
+    is ``{column: [rev, hlc, origin]}`` or nil, and ``segments`` are the pulling node's own
+    ingests whose revisions fall in ``(cursor, next]`` (see ``PushAck``).
 ack
     ``{"acked_through": seq, "head": rev, "outcomes": {kind: count}, "server_ms": int,
     "hlc": int, "segments": [[first_seq, last_seq, first_rev]…]}`` — the answer to a push.
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -90,6 +92,9 @@ class PullPage:
     server_ms: int
     hlc: int
     entries: list[FeedEntry]
+    #: the pulling node's own ingests with revisions in (cursor, next]: which of its changes
+    #: these states contain, exactly, even while its push answer is still on the way
+    segments: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +137,15 @@ def encode_frame(
     level: int = 1,
 ) -> bytes:
     """Encode, compress and hash a payload into a frame."""
+    raw = cast(bytes, msgpack.packb(payload, use_bin_type=True))
+    return _frame_from_raw(kind, site, node, raw, codec, limits, level)
+
+
+def _frame_from_raw(
+    kind: str, site: str, node: str, raw: bytes, codec: str, limits: Limits, level: int
+) -> bytes:
     if kind not in KINDS or codec not in CODECS:
         raise LocalProtocolError(ErrorCode.WRONG_KIND, f"cannot send kind={kind} codec={codec}")
-    raw = cast(bytes, msgpack.packb(payload, use_bin_type=True))
     if len(raw) > limits.max_payload_bytes:
         raise LocalProtocolError(ErrorCode.BATCH_TOO_LARGE, "payload exceeds the bound")
     body = zlib.compress(raw, level) if codec == "zlib" else raw
@@ -285,11 +296,6 @@ def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
 # -- pull -------------------------------------------------------------------------------
 
 
-def entry_row(entry: FeedEntry) -> list[Any]:
-    """A feed entry as its wire row."""
-    return state_row(entry.rev, entry.table, entry.state)
-
-
 def state_row(rev: int, table: str, state: RowState) -> list[Any]:
     """A row state at feed revision ``rev`` as its wire row (versions pack as arrays)."""
     values = state.values
@@ -307,22 +313,32 @@ def state_row(rev: int, table: str, state: RowState) -> list[Any]:
     ]
 
 
+def pack_entry(entry: FeedEntry) -> bytes:
+    """A feed entry packed as its wire row: stored once, served as is in every page."""
+    return cast(bytes, msgpack.packb(state_row(entry.rev, entry.table, entry.state)))
+
+
 def encode_pull(
     site: str,
     node: str,
     cursor: int,
     head: int,
-    entries: Iterable[list[Any]],
+    entries: Sequence[bytes],
     *,
     next_cursor: int,
     more: bool,
     conflicts: int,
     server_ms: int,
     hlc: int,
+    segments: Sequence[tuple[int, int, int]] = (),
     limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
-    """Encode a page of feed rows (already in ``entry_row`` form) as a pull frame."""
-    payload = {
+    """Encode a page of feed entries, given packed (``pack_entry``), as a pull frame.
+
+    The payload is assembled around the packed entries, so nothing is unpacked and packed
+    again: a page costs little more than joining the stored bytes and compressing them.
+    """
+    fields = {
         "cursor": cursor,
         "next": next_cursor,
         "head": head,
@@ -330,9 +346,14 @@ def encode_pull(
         "conflicts": conflicts,
         "server_ms": server_ms,
         "hlc": hlc,
-        "entries": list(entries),
+        "segments": [list(s) for s in segments],
     }
-    return encode_frame("pull", site, node, payload, "zlib", limits)
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(fields) + 1)]
+    for key, value in fields.items():
+        parts += (packer.pack(key), packer.pack(value))
+    parts += (packer.pack("entries"), packer.pack_array_header(len(entries)), *entries)
+    return _frame_from_raw("pull", site, node, b"".join(parts), "zlib", limits, 1)
 
 
 def decode_pull(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PullPage:
@@ -362,6 +383,7 @@ def decode_pull(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PullPage:
         server_ms=_int(payload.get("server_ms", 0), "server_ms"),
         hlc=_int(payload.get("hlc", 0), "hlc"),
         entries=entries,
+        segments=_segments(payload),
     )
 
 
@@ -387,19 +409,23 @@ def decode_ack(data: bytes) -> PushAck:
     outcomes = payload.get("outcomes") or {}
     if not isinstance(outcomes, dict):
         raise _malformed("outcomes must be a map")
-    segments = payload.get("segments") or []
-    if not isinstance(segments, list) or not all(
-        isinstance(s, list) and len(s) == 3 and all(type(x) is int for x in s) for s in segments
-    ):
-        raise _malformed("segments must be [first_seq, last_seq, first_rev] triples")
     return PushAck(
         acked_through=_int(payload.get("acked_through"), "acked_through"),
         head=_int(payload.get("head"), "head"),
         outcomes=outcomes,
         server_ms=_int(payload.get("server_ms", 0), "server_ms"),
         hlc=_int(payload.get("hlc", 0), "hlc"),
-        segments=tuple((a, b, c) for a, b, c in segments),
+        segments=_segments(payload),
     )
+
+
+def _segments(payload: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    segments = payload.get("segments") or []
+    if not isinstance(segments, list) or not all(
+        isinstance(s, list) and len(s) == 3 and all(type(x) is int for x in s) for s in segments
+    ):
+        raise _malformed("segments must be [first_seq, last_seq, first_rev] triples")
+    return tuple((a, b, c) for a, b, c in segments)
 
 
 # -- errors -----------------------------------------------------------------------------

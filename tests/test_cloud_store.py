@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import msgpack
 import pytest
 from hypothesis import given, settings
 
 from cloud.errors import CloudCode, CloudError
-from cloud.pullframe import encode_pull_packed
+from cloud.rows import pack_entry
 from cloud.schema import MIGRATIONS
 from cloud.store import CloudStore
 from shared.registry import TABLES, default_registry
@@ -737,23 +736,29 @@ def test_sites_are_unique(pg_database: str) -> None:
     run(pg_database, body)
 
 
-def test_packed_pull_frames_are_byte_for_byte_wire_frames() -> None:
+def test_stored_feed_entries_decode_to_the_states_they_were_made_from() -> None:
     states = [
         RowState("a", {"name": "x", "n": 1}, Version(3, 9, "n1"), {"name": Version(2, 8, "c")}),
         RowState("b", {"blob": b"\x00\x01", "n": None}, Version(4, 10, "cloud"), {}, True),
     ]
-    rows = [wire.entry_row(FeedEntry(rev, "t", s)) for rev, s in zip((3, 4), states, strict=True)]
-    packed = [msgpack.packb(row, use_bin_type=True) for row in rows]
-    for n in (0, 1, 2):
-        args: dict[str, Any] = {
-            "next_cursor": 4,
-            "more": n == 1,
-            "conflicts": 2,
-            "server_ms": 5,
-            "hlc": 6,
-        }
-        ours = encode_pull_packed("s", "n", 1, 9, packed[:n], **args)
-        assert ours == wire.encode_pull("s", "n", 1, 9, rows[:n], **args)
+    entries = [FeedEntry(rev, "t", s) for rev, s in zip((3, 4), states, strict=True)]
+    packed = [pack_entry(e.rev, e.table, e.state) for e in entries]
+    assert packed == [wire.pack_entry(e) for e in entries]
+    frame = wire.encode_pull(
+        "s",
+        "n",
+        1,
+        9,
+        packed,
+        next_cursor=4,
+        more=False,
+        conflicts=2,
+        server_ms=5,
+        hlc=6,
+        segments=[(1, 2, 3)],
+    )
+    page = wire.decode_pull(frame)
+    assert page.entries == entries and page.segments == ((1, 2, 3),)
 
 
 # -- the store agrees with the pure reference model -------------------------------------------

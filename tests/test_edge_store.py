@@ -72,9 +72,17 @@ def entry(
     return FeedEntry(rev, table, state)
 
 
-def page(cursor: int, next_rev: int, entries: Sequence[FeedEntry], conflicts: int = 0) -> PullPage:
+def page(
+    cursor: int,
+    next_rev: int,
+    entries: Sequence[FeedEntry],
+    conflicts: int = 0,
+    segments: tuple[tuple[int, int, int], ...] = (),
+) -> PullPage:
     """A complete (not ``more``) page from ``cursor`` to ``next_rev``."""
-    return PullPage(cursor, next_rev, next_rev, False, conflicts, T0, pack(T0), list(entries))
+    return PullPage(
+        cursor, next_rev, next_rev, False, conflicts, T0, pack(T0), list(entries), segments
+    )
 
 
 def ack(acked_through: int, head: int, segments: tuple[tuple[int, int, int], ...] = ()) -> PushAck:
@@ -319,7 +327,7 @@ def test_page_rebases_pending_counter_delta(tmp_path: Path) -> None:
         async with await open_store(tmp_path) as store:
             await store.write("stock_levels", "soup", Op.INSERT, {"on_hand": 10})  # seq 1
             await store.mark_sent(1)
-            await store.record_ack(ack(1, head=1))
+            await store.record_ack(ack(1, head=1, segments=((1, 1, 1),)))
             await store.write("stock_levels", "soup", Op.UPDATE, {"on_hand": -2})  # seq 2
             # The cloud applied seq 1 at rev 1, then another till sold 5 (rev 2).
             await store.apply_page(page(0, 2, [entry(2, "stock_levels", "soup", {"on_hand": 5})]))
@@ -328,7 +336,7 @@ def test_page_rebases_pending_counter_delta(tmp_path: Path) -> None:
             assert [c.seq for c in await store.outbox_after(0, 10)] == [2]
             # seq 2 is pushed and acknowledged at head 3; the cloud's row now has it.
             await store.mark_sent(2)
-            await store.record_ack(ack(2, head=3))
+            await store.record_ack(ack(2, head=3, segments=((2, 2, 3),)))
             await store.apply_page(page(2, 3, [entry(3, "stock_levels", "soup", {"on_hand": 3})]))
             assert (await store.get("stock_levels", "soup") or {})["on_hand"] == 3
             assert await store.outbox_after(0, 10) == []
@@ -364,15 +372,20 @@ def test_page_seen_before_its_ack_does_not_apply_a_delta_twice(tmp_path: Path) -
         async with await open_store(tmp_path) as store:
             await store.write("stock_levels", "soup", Op.INSERT, {"on_hand": 10})
             await store.mark_sent(1)
-            await store.record_ack(ack(1, head=1))
+            await store.record_ack(ack(1, head=1, segments=((1, 1, 1),)))
             await store.apply_page(page(0, 1, [entry(1, "stock_levels", "soup", {"on_hand": 10})]))
             await store.write("stock_levels", "soup", Op.UPDATE, {"on_hand": -1})  # seq 2
             await store.mark_sent(2)  # in flight: the cloud applies it at rev 2 ...
-            await store.apply_page(  # ... and the feed shows it before the ack arrives
-                page(1, 2, [entry(2, "stock_levels", "soup", {"on_hand": 9}, origin=NODE)])
+            await store.apply_page(  # ... and the feed shows it (and says so) before the ack
+                page(
+                    1,
+                    2,
+                    [entry(2, "stock_levels", "soup", {"on_hand": 9}, origin=NODE)],
+                    segments=((2, 2, 2),),
+                )
             )
             assert (await store.get("stock_levels", "soup") or {})["on_hand"] == 9
-            await store.record_ack(ack(2, head=2))
+            await store.record_ack(ack(2, head=2, segments=((2, 2, 2),)))
             assert (await store.get("stock_levels", "soup") or {})["on_hand"] == 9
             assert await store.outbox_after(0, 10) == []
 
@@ -385,7 +398,7 @@ def test_page_ending_inside_an_acked_batch_does_not_apply_a_delta_twice(tmp_path
             for pk in ("a", "b", "c"):
                 await store.write("stock_levels", pk, Op.INSERT, {"on_hand": 10})
             await store.mark_sent(3)
-            await store.record_ack(ack(3, head=3))  # applied at revs 1, 2, 3
+            await store.record_ack(ack(3, head=3, segments=((1, 3, 1),)))  # at revs 1, 2, 3
             await store.apply_page(
                 PullPage(0, 2, 3, True, 0, T0, pack(T0), [
                     entry(1, "stock_levels", "a", {"on_hand": 10}, origin=NODE),
@@ -634,3 +647,29 @@ def test_status_command_reads_the_file_when_the_edge_is_not_running(
     assert (out["outbox_depth"], out["last_seq"], out["online"]) == (1, 1, False)
     assert edge_cli.main(["status", "--config", str(config)]) == 0
     assert "1 unsynced" in capsys.readouterr().out
+
+
+def test_an_in_flight_change_stays_visible_until_a_page_says_it_is_in(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            await store.write("stock_levels", "soup", Op.INSERT, {"on_hand": 10})  # seq 1
+            await store.mark_sent(1)
+            await store.record_ack(ack(1, head=1, segments=((1, 1, 1),)))
+            await store.write("stock_levels", "soup", Op.UPDATE, {"on_hand": -1})  # seq 2
+            await store.mark_sent(2)  # in flight; meanwhile the owner sold 3 elsewhere (rev 2)
+            await store.apply_page(page(0, 2, [entry(2, "stock_levels", "soup", {"on_hand": 7})]))
+            assert (await store.get("stock_levels", "soup") or {})["on_hand"] == 6
+            # the push lands at rev 3; the page says so, and its state holds the delta once
+            await store.apply_page(
+                page(
+                    2,
+                    3,
+                    [entry(3, "stock_levels", "soup", {"on_hand": 6}, origin=NODE)],
+                    segments=((2, 2, 3),),
+                )
+            )
+            assert (await store.get("stock_levels", "soup") or {})["on_hand"] == 6
+            await store.record_ack(ack(2, head=3, segments=((2, 2, 3),)))
+            assert await store.outbox_after(0, 10) == []
+
+    run(body)

@@ -24,7 +24,7 @@ from sync_protocol.wire import (
     encode_error,
     encode_pull,
     encode_push,
-    entry_row,
+    pack_entry,
 )
 
 from .generators import change_runs, ids, scalars
@@ -61,7 +61,7 @@ def test_pull_round_trip(rows: list[tuple[int, str, RowState]], more: bool) -> N
         "n",
         5,
         99,
-        [entry_row(e) for e in entries],
+        [pack_entry(e) for e in entries],
         next_cursor=77,
         more=more,
         conflicts=2,
