@@ -23,6 +23,7 @@ from shared.config import ConfigError
 from .app import create_app
 from .config import CloudConfig, load
 from .errors import CloudError
+from .pgtemp import PgTempError
 from .store import CloudStore
 
 DEFAULT_CONFIG = Path("cloud.toml")
@@ -38,9 +39,10 @@ def run(config: CloudConfig) -> None:
     """Serve the cloud until interrupted (a throwaway Postgres when no DSN is set)."""
     if not config.admin_token:
         config = dataclasses.replace(config, admin_token=secrets.token_urlsafe(24))
+        # Only a generated token is shown: a configured one is a secret kept out of logs.
+        print(f"owner token: {config.admin_token}", flush=True)
     if not config.dsn:
         print("no dsn configured: starting a throwaway Postgres (data is lost at exit)")
-    print(f"owner token: {config.admin_token}", flush=True)
     app = create_app(config)
     # Start-up objects live for the whole process: keep them out of the cyclic GC's scans.
     app.on_startup.append(_freeze_gc)
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CloudError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PgTempError as exc:
+        print(f"error: cannot start a local Postgres: {exc}", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"error: cannot use the database: {exc}", file=sys.stderr)
         return 1
