@@ -7,6 +7,7 @@ Postgres) is opened and closed by a ``cleanup_ctx``. The contract is ``docs/sync
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -211,8 +212,9 @@ async def push(request: web.Request) -> web.Response:
             site=batch.site,
             node=batch.node,
         )
-    hlc = clock.observe(max(c.hlc for c in batch.changes))
-    ack = await store.ingest(site_id, node_id, batch, hlc, clock.now_ms())
+    ack = await store.ingest(site_id, node_id, batch, 0, clock.now_ms())
+    # Only an accepted batch moves the cloud's clock: a refused one leaves no trace.
+    ack = dataclasses.replace(ack, hlc=clock.observe(max(c.hlc for c in batch.changes)))
     return _sync_response(wire.encode_ack(site_id, node_id, ack))
 
 

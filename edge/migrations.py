@@ -15,8 +15,10 @@ connections). It works in three steps, each one transaction:
 Synced tables hold business columns only: ``<name>(id TEXT PRIMARY KEY, <columns>)``, with
 booleans stored as 0/1. ``outbox`` holds this node's changes until every state pulled from
 then on contains them; ``outbox.rev`` is the feed revision at which the cloud applied one
-(from the ack's ``segments``), NULL until known. ``ack_marks`` keeps ``(seq_through, head)``
-of each ack; ``conflicts`` mirrors the cloud's open parked conflicts of the site.
+(from the ack's ``segments``), NULL until known; ``outbox.written_ms`` is this node's wall
+clock when it logged the change (for the status's oldest-unsynced age). ``ack_marks`` keeps
+``(seq_through, head)`` of each ack; ``conflicts`` mirrors the cloud's open parked conflicts
+of the site.
 """
 
 from __future__ import annotations
@@ -103,7 +105,16 @@ def _core_tables(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "sync core tables", _core_tables),)
+def _outbox_written_ms(conn: sqlite3.Connection) -> None:
+    # The HLC's wall part is no clock reading: after observing the cloud, a slow clock's
+    # timestamps stay at the cloud's time, so the age of unsynced changes needs its own.
+    conn.execute("ALTER TABLE outbox ADD COLUMN written_ms INTEGER")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "sync core tables", _core_tables),
+    Migration(2, "outbox: local wall time of each change", _outbox_written_ms),
+)
 
 
 def _applied(conn: sqlite3.Connection) -> set[int]:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sync_protocol.hlc import wall_ms
+from sync_protocol.hlc import COUNTER_BITS
 
 from .migrations import STATE_DEFAULTS
 
@@ -64,10 +64,17 @@ class StoreStatus:
         return asdict(self)
 
 
-def store_status(state: State, oldest_hlc: int | None, now_ms: int) -> StoreStatus:
-    """The status from the cursors and the HLC of the oldest unacknowledged change."""
+#: when the oldest unacknowledged change was written (by this node's wall clock; rows
+#: logged before migration 2 fall back to their HLC's wall part)
+OLDEST_UNSYNCED_SQL = (
+    f"SELECT coalesce(written_ms, hlc >> {COUNTER_BITS}) FROM outbox WHERE seq = ?"
+)
+
+
+def store_status(state: State, oldest_ms: int | None, now_ms: int) -> StoreStatus:
+    """The status from the cursors and when the oldest unacknowledged change was written."""
     depth = state.last_seq - state.acked_through
-    age = max(0, now_ms - wall_ms(oldest_hlc)) if depth > 0 and oldest_hlc is not None else 0
+    age = max(0, now_ms - oldest_ms) if depth > 0 and oldest_ms is not None else 0
     return StoreStatus(
         outbox_depth=depth,
         oldest_unsynced_age_ms=age,
@@ -94,9 +101,7 @@ def status_from_file(path: str | Path, now_ms: int) -> StoreStatus:
     conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
         state = state_from(conn.execute("SELECT key, value FROM sync_state"))
-        row = conn.execute(
-            "SELECT hlc FROM outbox WHERE seq = ?", (state.acked_through + 1,)
-        ).fetchone()
+        row = conn.execute(OLDEST_UNSYNCED_SQL, (state.acked_through + 1,)).fetchone()
         return store_status(state, row[0] if row else None, now_ms)
     finally:
         conn.close()

@@ -48,7 +48,15 @@ from sync_protocol.wire import PullPage, PushAck
 
 from .errors import EdgeError, EdgeErrorCode
 from .migrations import migrate
-from .state import STATE_KEYS, Cursors, State, StoreStatus, state_from, store_status
+from .state import (
+    OLDEST_UNSYNCED_SQL,
+    STATE_KEYS,
+    Cursors,
+    State,
+    StoreStatus,
+    state_from,
+    store_status,
+)
 from .state import status_from_file as status_from_file
 from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, pack, prepare_write
 
@@ -220,6 +228,7 @@ class EdgeStore:
         conn = self._writer
         seen: dict[tuple[str, str], dict[str, Value] | None] = {}
         changes: list[Change] = []
+        written_ms = self.clock.now_ms()
         for io, pk, op, fields in writes:
             key = (io.spec.name, pk)
             current = seen[key] if key in seen else await self._load_row(conn, io, pk)
@@ -248,7 +257,8 @@ class EdgeStore:
                 await conn.execute(io.upsert, io.params(pk, values))
                 seen[key] = values
             await conn.execute(
-                f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO outbox ({OUTBOX_COLUMNS}, written_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     change.seq,
                     change.table,
@@ -258,6 +268,7 @@ class EdgeStore:
                     change.base,
                     change.hlc,
                     pack(old),
+                    written_ms,
                 ),
             )
             st.last_seq = change.seq
@@ -319,9 +330,7 @@ class EdgeStore:
         """Outbox depth and age, cursors, conflicts and last successes."""
         state = self._state
         rows = list(
-            await self._reader.execute_fetchall(
-                "SELECT hlc FROM outbox WHERE seq = ?", (state.acked_through + 1,)
-            )
+            await self._reader.execute_fetchall(OLDEST_UNSYNCED_SQL, (state.acked_through + 1,))
         )
         now = self.clock.now_ms() if now_ms is None else now_ms
         return store_status(state, rows[0][0] if rows else None, now)

@@ -217,6 +217,8 @@ class Uplink:
         self._last_ok_ms: int | None = None
         self._skew_ms: int | None = None
         self._stuck: str | None = None
+        #: until a push is acknowledged, a change never sent goes alone (see ``_push_step``)
+        self._probe = True
         self._pushed = RateMeter()
         self._pulled = RateMeter()
 
@@ -356,7 +358,13 @@ class Uplink:
         """Send the next batch and record its ack; returns whether a batch was sent."""
         cursors = self.store.cursors()
         self._push.acked_through = cursors.acked_through
-        changes = await self.store.outbox_after(cursors.acked_through, self._batch)
+        # A database restored from an older copy reuses sequence numbers the cloud already
+        # holds, which it would skip as duplicates. A change never sent that the cloud calls
+        # a duplicate proves it; the first such push after start carries one change only,
+        # so that nothing new is applied before the edge stops.
+        never_sent = cursors.sent_through <= cursors.acked_through
+        limit = 1 if self._probe and never_sent else self._batch
+        changes = await self.store.outbox_after(cursors.acked_through, limit)
         if not changes:
             return False
         try:
@@ -387,6 +395,16 @@ class Uplink:
         except RemoteProtocolError as exc:
             raise self._failed(self._push, "push", str(exc.code), exc.message) from exc
         self._observe(ack.hlc, sent, received, ack.server_ms)
+        held_through = changes[0].seq + ack.outcomes.get("duplicate", 0) - 1
+        if held_through > cursors.sent_through:
+            raise EdgeError(
+                EdgeErrorCode.CLOUD_AHEAD,
+                f"the cloud already holds seq {held_through} of this node, which never sent "
+                "it: this database was restored from an older copy",
+                held_through=held_through,
+                sent_through=cursors.sent_through,
+            )
+        self._probe = False
         await self.store.record_ack(ack)
         self._pushed.add(received, max(0, ack.acked_through - cursors.acked_through))
         self._succeeded("push")
@@ -425,6 +443,9 @@ class Uplink:
 
     async def _pull_step(self, wait_s: float) -> PullPage:
         """Fetch and apply one page (waiting up to ``wait_s`` for news); returns it."""
+        # The store's cursor is the truth: a page's transaction outlives a cancelled step (it
+        # is shielded), so it may have moved the cursor after this session was built.
+        self._pull.cursor = self.store.cursors().pull_cursor
         cursor = self._pull.request()
         http = self._require_http()
         params = {
@@ -453,7 +474,10 @@ class Uplink:
         self._pull.applied(page)
         self._pulled.add(received, written)
         self._succeeded("pull")
-        if page.conflicts != self._mirrored_conflicts:
+        # Parking or settling a conflict also gives its row a feed entry, so a page with
+        # entries while conflicts are open may change the set even when the count stays.
+        open_before = self._mirrored_conflicts
+        if page.conflicts != open_before or (page.entries and (page.conflicts or open_before)):
             await self._refresh_conflicts()
         return page
 

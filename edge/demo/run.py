@@ -18,22 +18,18 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import os
 import random
-import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -41,45 +37,29 @@ from aiohttp import web
 from shared.config import ConfigError
 from sync_protocol.changes import Op, Value
 
-from .app import STORE_KEY, UPLINK_KEY, create_app, status_body
-from .config import DEFAULT_PATH, CloudSettings, EdgeConfig, load_edge_config
-from .store import EdgeStore, Write, wall_clock_ms
-from .uplink import Uplink
+from ..app import STORE_KEY, UPLINK_KEY, create_app, status_body
+from ..config import DEFAULT_PATH, CloudSettings, EdgeConfig, load_edge_config
+from ..store import EdgeStore, Write, wall_clock_ms
+from ..uplink import Uplink
+from .cloud_process import MENU, CloudProcess, Owner, change, free_port, seed
+from .common import (
+    CLOUD_START_TIMEOUT_S,
+    DRAIN_TIMEOUT_S,
+    EXIT_INTERRUPTED,
+    HOST,
+    OWNER_EVERY_S,
+    SEED_TIMEOUT_S,
+    SITE_ID,
+    TABLETS,
+    DemoError,
+    Sums,
+)
+from .console import Console, Result, status_line, summary
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-SITE_ID = "demo"
-TABLETS = 3
-OWNER_EVERY_S = 3.0
-CLOUD_START_TIMEOUT_S = 60.0
-SEED_TIMEOUT_S = 20.0
-DRAIN_TIMEOUT_S = 30.0
-CLOUD_STOP_TIMEOUT_S = 30.0
-EXIT_INTERRUPTED = 130
 
-CATEGORIES = (("cat-coffee", "Coffee"), ("cat-food", "Food"), ("cat-sweet", "Sweet things"))
-#: (id, category, name, price in pence, station)
-MENU = (
-    ("item-espresso", "cat-coffee", "Espresso", 250, "bar"),
-    ("item-flat-white", "cat-coffee", "Flat white", 340, "bar"),
-    ("item-cappuccino", "cat-coffee", "Cappuccino", 360, "bar"),
-    ("item-croque", "cat-food", "Croque monsieur", 850, "kitchen"),
-    ("item-shakshuka", "cat-food", "Shakshuka", 1150, "kitchen"),
-    ("item-soup", "cat-food", "Soup of the day", 650, "kitchen"),
-    ("item-brownie", "cat-sweet", "Brownie", 375, "pass"),
-    ("item-tart", "cat-sweet", "Lemon tart", 450, "pass"),
-)
-STOCK_START = 150
-
-Sums = dict[str, tuple[tuple[int, int], tuple[int, int]]]  #: table -> (edge, cloud) checksums
-
-
-class DemoError(Exception):
-    """The demo cannot go on; the message says why."""
-
-
-# -- options and terminal ---------------------------------------------------------------------
+# -- options ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,217 +103,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     return Options(args.seconds, args.rate, args.offline_at, args.online_at, args.data)
 
 
-class Console:
-    """Event lines, and one live status line redrawn with ``\\r`` on a terminal."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._out = stream
-        self._tty = stream.isatty()
-        self._status = ""  #: the last status line shown
-
-    def line(self, text: str) -> None:
-        """Print a line of its own (above the live status line on a terminal)."""
-        if self._tty and self._status:
-            text = "\r\x1b[K" + text + "\n" + self._status
-        else:
-            text += "\n"
-        self._out.write(text)
-        self._out.flush()
-
-    def status(self, text: str) -> None:
-        """Show the status line: in place on a terminal, as a new line otherwise."""
-        if self._tty:
-            text = text[: max(20, shutil.get_terminal_size().columns - 1)]
-            self._out.write("\r\x1b[K" + text)
-        elif text != self._status:  # the final line after a quick drain may repeat the last
-            self._out.write(text + "\n")
-        self._status = text
-        self._out.flush()
-
-    def end_status(self) -> None:
-        """Leave the status line as it is and go below it."""
-        if self._tty and self._status:
-            self._out.write("\n")
-            self._out.flush()
-        self._status = ""
-
-
-def status_line(elapsed_s: float, body: dict[str, Any], cloud_head: int | None) -> str:
-    """One line from an edge status document (``status_body``) and the cloud's feed head."""
-    link = "online" if body["uplink_running"] and body["online"] else "offline"
-    skew = body["clock_skew_ms"]
-    line = (
-        f"t={elapsed_s:3.0f}s  {link:<7}  outbox {body['outbox_depth']:>4} "
-        f"(oldest {body['oldest_unsynced_age_ms'] / 1000:4.1f}s)  "
-        f"acked {body['acked_through']}/{body['last_seq']}  pulled {body['catchup']['pulled']}  "
-        f"cloud head {'?' if cloud_head is None else cloud_head} (edge {body['pull_cursor']})  "
-        f"conflicts {body['open_conflicts']}  skew {'?' if skew is None else f'{skew:+d}'}ms"
-    )
-    if body["stuck"]:
-        line += f"  PUSH STOPPED: {body['stuck']}"
-    elif body["last_error"] and body["uplink_running"]:
-        line += f"  last error: {body['last_error']['channel']} {body['last_error']['code']}"
-    return line
-
-
-# -- the cloud: a child process and its owner API ----------------------------------------------
-
-
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` if it can be bound on HOST now, else a port that was free a moment ago."""
-    for port in dict.fromkeys((preferred, 0)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            found: int = sock.getsockname()[1]
-            return found
-    raise DemoError(f"no free TCP port on {HOST}")
-
-
-class CloudProcess:
-    """``python -m cloud run`` on a free port, no DSN (a throwaway Postgres), output to files."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.token = secrets.token_urlsafe(24)
-        self.stderr_path = workdir / "cloud.err"
-        self._stdout_path = workdir / "cloud.out"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the cloud, configured through ``FYNLO_CLOUD_*`` variables only."""
-        env = os.environ | {
-            "FYNLO_CLOUD_HOST": HOST,
-            "FYNLO_CLOUD_PORT": str(self.port),
-            "FYNLO_CLOUD_ADMIN_TOKEN": self.token,
-            "FYNLO_CLOUD_DSN": "",  # none: the cloud starts (and deletes) its own Postgres
-            "PYTHONUNBUFFERED": "1",
-        }
-        with self._stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            # A session of its own, so the terminal's Ctrl-C reaches only the demo: it still
-            # needs the cloud to drain and compare checksums before it stops it.
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "cloud", "run"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-
-    def exit_code(self) -> int | None:
-        """The exit status once the cloud has exited, else None."""
-        return None if self._proc is None else self._proc.poll()
-
-    def stop(self, timeout_s: float = CLOUD_STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM the cloud (it stops its Postgres) and wait; kill it after ``timeout_s``."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
-
-    def stderr_tail(self, lines: int = 10) -> str:
-        """The last lines the cloud wrote to stderr, indented."""
-        try:
-            tail = self.stderr_path.read_text(errors="replace").strip().splitlines()[-lines:]
-        except OSError:
-            tail = []
-        return "\n".join("    " + line for line in tail) or "    (nothing)"
-
-
-def change(table: str, pk: str, op: str, **fields: Value) -> dict[str, Any]:
-    """One change for the owner API's ``POST /v1/sites/{site}/changes``."""
-    return {"table": table, "id": pk, "op": op, "fields": fields}
-
-
-class Owner:
-    """The cloud's owner API (JSON; ``docs/sync-http.md``)."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str, token: str) -> None:
-        self._http, self._url = http, url
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, body: object = None) -> dict[str, Any]:
-        """One request; an error answer raises ``DemoError`` with the cloud's code."""
-        async with self._http.request(
-            method,
-            self._url + path,
-            json=body,
-            headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=10),
-        ) as resp:
-            answer: dict[str, Any] = await resp.json(content_type=None)
-        if resp.status != 200:
-            error = answer.get("error") or {}
-            raise DemoError(f"{method} {path}: {error.get('code')}: {error.get('message')}")
-        return answer
-
-    async def write(self, *changes: dict[str, Any]) -> int:
-        """Cloud-authored writes in one transaction; returns the feed head after them."""
-        body = {"changes": list(changes)}
-        return int((await self.call("POST", f"/v1/sites/{SITE_ID}/changes", body))["rev"])
-
-    async def feed_head(self) -> int:
-        """The demo site's feed head (``/v1/status``)."""
-        for site in (await self.call("GET", "/v1/status"))["sites"]:
-            if site["site_id"] == SITE_ID:
-                return int(site["feed_head"])
-        raise DemoError(f"the cloud does not list site {SITE_ID!r}")
-
-    async def checksums(self) -> dict[str, tuple[int, int]]:
-        """Per-table (count, total) checksums of the demo site in the cloud."""
-        answer = await self.call("GET", f"/v1/sites/{SITE_ID}/checksums")
-        return {t: (int(c["count"]), int(c["total"])) for t, c in answer.items()}
-
-
-def seed() -> list[dict[str, Any]]:
-    """The menu and the opening stock."""
-    out = [
-        change("menu_categories", cat, "insert", name=name, position=i, active=True)
-        for i, (cat, name) in enumerate(CATEGORIES)
-    ]
-    for item, cat, name, price, station in MENU:
-        fields: dict[str, Value] = {"category_id": cat, "name": name, "price_pence": price}
-        out.append(change("menu_items", item, "insert", **fields, station=station))
-        out.append(change("stock_levels", item, "insert", on_hand=STOCK_START, par_level=40))
-    return out
-
-
-# -- the run --------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Result:
-    """What happened, for the summary."""
-
-    reason: str = ""
-    error: str | None = None
-    ran_s: float = 0.0
-    orders: int = 0
-    lines: int = 0
-    changes: int = 0
-    owner_edits: int = 0
-    last_seq: int = 0
-    acked_through: int = 0
-    pulled: int = 0
-    conflicts: int = 0
-    drained: bool = False
-    checksums: Sums = field(default_factory=dict)
-
-    @property
-    def converged(self) -> bool:
-        """Whether the checksums were compared and every one is equal."""
-        return bool(self.checksums) and all(e == c for e, c in self.checksums.values())
+# -- the run ----------------------------------------------------------------------------------
 
 
 class Demo:
@@ -644,40 +414,7 @@ class Demo:
         return out
 
 
-# -- summary and entry point ------------------------------------------------------------------
-
-
-def summary(r: Result, cloud_exit: int | None) -> list[str]:
-    """The final report."""
-    lines = ["", f"summary: stopped by {r.reason or 'an error'} after {r.ran_s:.1f} s of load"]
-    if r.checksums:  # the edge ran
-        lines.append(
-            f"  tablets: {r.orders} orders with {r.lines} lines and their stock deltas "
-            f"({r.changes} changes); owner: {r.owner_edits} price edits in the cloud"
-        )
-        lines.append(
-            f"  sync: edge wrote seq {r.last_seq}, cloud acknowledged {r.acked_through}; "
-            f"pulled {r.pulled} feed entries; open conflicts {r.conflicts}"
-        )
-    if r.error:
-        lines.append(f"  error: {r.error}")
-    if r.checksums:
-        lines.append("  checksums, edge vs cloud:")
-        for table, (edge, cloud) in r.checksums.items():
-            rows = f"{edge[0]} rows" if edge[0] == cloud[0] else f"{edge[0]} vs {cloud[0]} rows"
-            lines.append(f"    {table:<16}{rows:>14}   {'equal' if edge == cloud else 'NOT EQUAL'}")
-    if r.converged:
-        lines.append("  result: edge and cloud hold the same rows (every checksum is equal)")
-    elif r.checksums:
-        why = "" if r.drained else f" (not drained within {DRAIN_TIMEOUT_S:.0f} s)"
-        lines.append(f"  result: edge and cloud DIFFER{why}")
-    else:
-        lines.append("  result: checksums not compared")
-    if cloud_exit == 0:
-        lines.append("  cloud: stopped (exit 0); its throwaway Postgres is stopped and deleted")
-    elif cloud_exit is not None:
-        lines.append(f"  cloud: exited with status {cloud_exit}")
-    return lines
+# -- entry point ------------------------------------------------------------------------------
 
 
 def _workdir(data: Path | None) -> tuple[Path, bool]:
@@ -761,7 +498,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     interrupted = result.reason in ("Ctrl-C", "SIGTERM") and not result.checksums
     return EXIT_INTERRUPTED if interrupted else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
