@@ -244,6 +244,7 @@ class Uplink:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        self._online = False  # a stopped uplink is not talking to the cloud
 
     async def sync_once(self) -> None:
         """Push everything, then pull until the feed has no more; raises ``UplinkError``."""
@@ -342,7 +343,7 @@ class Uplink:
                 await self.store.changed.wait()
 
     async def _pull_loop(self) -> None:
-        wait_s = self.settings.long_poll_s
+        wait_s = 0.0  # the first pull answers at once, so status is known straight away
         while True:
             try:
                 page = await self._pull_step(wait_s)
@@ -466,7 +467,8 @@ class Uplink:
             raise self._failed(self._pull, "pull", code or f"http_{status}", message, status)
         try:
             page = self._pull.receive_page(data)
-            self._observe(page.hlc, sent, received, page.server_ms)
+            # A held request was stamped by the cloud when it answered, not midway.
+            self._observe(page.hlc, received if wait_s else sent, received, page.server_ms)
             written = await self.store.apply_page(page)
         except (SyncError, sqlite3.Error) as exc:
             code = str(exc.code) if isinstance(exc, SyncError) else "store_error"
