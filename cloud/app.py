@@ -230,10 +230,13 @@ async def pull(request: web.Request) -> web.Response:
     if limit is None or limit < 1:
         raise CloudError(CloudCode.BAD_REQUEST, "limit must be a positive integer")
     limit = min(limit, settings.pull_limit_max)
+    holds = _int_param(request, "holds", 0)
+    if holds is None or holds < 0:
+        raise CloudError(CloudCode.BAD_REQUEST, "holds must be a non-negative integer")
     wait = min(_float_param(request, "wait", 0.0), settings.long_poll_max_s)
     if wait > 0:
         await store.wait_for_feed(site_id, cursor, wait)
-    return _sync_response(await store.pull(site_id, node_id, cursor, limit))
+    return _sync_response(await store.pull(site_id, node_id, cursor, limit, holds))
 
 
 @sync_routes.get("/v1/sync/conflicts")

@@ -32,7 +32,7 @@ from .rows import TableIO, pack_entry
 
 Key = tuple[str, str]  #: (table, pk)
 
-FEED_COLUMNS = ("site_id", "rev", "tbl", "pk", "entry")
+FEED_COLUMNS = ("site_id", "rev", "tbl", "pk", "entry", "echo_of", "echo_seq")
 
 
 @dataclass(slots=True)
@@ -43,9 +43,13 @@ class Applied:
     states: dict[Key, RowState] = field(default_factory=dict)
     dirty: list[Key] = field(default_factory=list)  #: rows whose state changed, first-touch order
     last_rev: dict[Key, int] = field(default_factory=dict)  #: rev of each row's last change
+    last_seq: dict[Key, int] = field(default_factory=dict)  #: seq of each row's last change
     outcomes: Counter[str] = field(default_factory=Counter)
     conflicts: list[Conflict] = field(default_factory=list)
     stored: frozenset[Key] = frozenset()  #: rows that existed in Postgres before the run
+    #: the node whose push this run applies: a row it created here is already on that node,
+    #: exactly as the feed entry states it (it computed the same values from nothing)
+    echo_origin: str | None = None
 
 
 async def lock_site(conn: asyncpg.Connection, site_id: str) -> int:
@@ -74,10 +78,13 @@ async def load_states(
 
 
 def apply_all(
-    pairs: Sequence[tuple[TableSpec, Change]], current: dict[Key, RowState], head: int
+    pairs: Sequence[tuple[TableSpec, Change]],
+    current: dict[Key, RowState],
+    head: int,
+    echo_origin: str | None = None,
 ) -> Applied:
     """Apply validated changes in order at revs head+1, head+2, …; ``current`` is updated."""
-    result = Applied(head, stored=frozenset(current))
+    result = Applied(head, stored=frozenset(current), echo_origin=echo_origin)
     states, dirty, last_rev = result.states, result.dirty, result.last_rev
     outcomes = result.outcomes
     seen_dirty: set[Key] = set()
@@ -95,6 +102,7 @@ def apply_all(
                 dirty.append(key)
         states[key] = state
         last_rev[key] = rev
+        result.last_seq[key] = change.seq
         outcomes[outcome.kind.value] += 1
         if outcome.conflict is not None:
             result.conflicts.append(outcome.conflict)
@@ -124,9 +132,18 @@ async def persist(
     for table, rows in new.items():
         # No other writer can add these rows: every writer holds the site's lock.
         await io[table].insert_new(conn, site_id, rows)
+    echo = applied.echo_origin
     feed = [
-        (site_id, rev, table, pk, pack_entry(rev, table, states[(table, pk)]))
-        for (table, pk), rev in applied.last_rev.items()
+        (
+            site_id,
+            rev,
+            table,
+            pk,
+            pack_entry(rev, table, states[(table, pk)]),
+            *((None, None) if echo is None or key in stored else (echo, applied.last_seq[key])),
+        )
+        for key, rev in applied.last_rev.items()
+        for table, pk in (key,)
     ]
     if feed:
         await conn.copy_records_to_table("feed", records=feed, columns=FEED_COLUMNS)

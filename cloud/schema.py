@@ -115,6 +115,16 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX segments_by_rev ON segments (site_id, origin, first_rev);
         """,
     ),
+    (
+        4,
+        "feed entries that merely echo a node's own new rows back to it",
+        """
+        -- the node whose push created the row with exactly this state (no other writer and no
+        -- earlier row), and the seq of its last change to it: that node holds the row already
+        -- (unless restored from an older copy: it says up to which seq it holds its own)
+        ALTER TABLE feed ADD COLUMN echo_of text, ADD COLUMN echo_seq bigint;
+        """,
+    ),
 )
 
 #: names the registry may not use: they are the cloud's own tables

@@ -199,10 +199,12 @@ class CloudStore:
         site_id: str,
         pairs: Sequence[tuple[TableSpec, Change]],
         head: int,
+        echo_origin: str | None = None,
     ) -> Applied:
         try:
             keys = [(c.table, c.pk) for _, c in pairs]
-            applied = apply_all(pairs, await load_states(conn, self.io, site_id, keys), head)
+            current = await load_states(conn, self.io, site_id, keys)
+            applied = apply_all(pairs, current, head, echo_origin)
             await persist(conn, self.io, site_id, applied)
         except _TEXT_ERRORS as exc:
             raise RemoteProtocolError(
@@ -252,7 +254,7 @@ class CloudStore:
             outcomes: dict[str, int] = {}
             first_new, first_rev = watermark + 1, head + 1
             if fresh:
-                applied = await self._apply(conn, site_id, fresh, head)
+                applied = await self._apply(conn, site_id, fresh, head, echo_origin=node_id)
                 head, watermark = applied.head, batch.last
                 outcomes.update(applied.outcomes)
                 segments.append((first_new, watermark, first_rev))
@@ -304,8 +306,14 @@ class CloudStore:
 
     # -- feed -------------------------------------------------------------------------------
 
-    async def pull(self, site_id: str, node_id: str | None, cursor: int, limit: int) -> bytes:
-        """A pull frame with the site's feed entries after ``cursor``, at most ``limit``."""
+    async def pull(
+        self, site_id: str, node_id: str | None, cursor: int, limit: int, holds_through: int = 0
+    ) -> bytes:
+        """A pull frame with the site's feed entries after ``cursor``, at most ``limit``.
+
+        ``holds_through``: the puller's own changes up to this seq are in its store, so the
+        entries that merely echo rows it created with them are left out (their revs are not).
+        """
         if limit < 1:
             raise CloudError(CloudCode.BAD_REQUEST, "limit must be positive")
         async with self.pool.acquire() as conn:
@@ -315,12 +323,17 @@ class CloudStore:
                 "  WHERE c.site_id = $1 AND c.resolved_at IS NULL) AS open_conflicts,"
                 " f.rev, f.entry"
                 " FROM sites s LEFT JOIN LATERAL ("
-                "  SELECT rev, entry FROM feed WHERE site_id = $1 AND rev > $2"
+                # an entry echoing the puller's own new row is skipped, not its revision
+                "  SELECT rev, CASE WHEN echo_of = $4 AND echo_seq <= $5 THEN NULL"
+                "  ELSE entry END AS entry"
+                "  FROM feed WHERE site_id = $1 AND rev > $2"
                 "  ORDER BY rev LIMIT $3) f ON true"
                 " WHERE s.site_id = $1 ORDER BY f.rev",
                 site_id,
                 cursor,
                 limit + 1,
+                node_id,
+                holds_through,
             )
             if not records:
                 raise CloudError(CloudCode.SITE_NOT_FOUND, f"no site {site_id!r}", site=site_id)
@@ -371,7 +384,7 @@ class CloudStore:
         cursor: int,
         head: int,
         open_conflicts: int,
-        rows: list[tuple[int, bytes]],
+        rows: list[tuple[int, bytes | None]],
         more: bool,
         segments: list[tuple[int, int, int]],
     ) -> bytes:
@@ -382,7 +395,7 @@ class CloudStore:
                     node_id,
                     cursor,
                     head,
-                    [entry for _, entry in rows],
+                    [entry for _, entry in rows if entry is not None],
                     next_cursor=rows[-1][0] if rows else cursor,
                     more=more,
                     conflicts=open_conflicts,

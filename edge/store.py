@@ -61,6 +61,8 @@ from .state import status_from_file as status_from_file
 from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, pack, prepare_write
 
 T = TypeVar("T")
+
+_JOINED_OUTBOX_COLUMNS = ", ".join(f"o.{c}" for c in OUTBOX_COLUMNS.split(", "))
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Write = tuple[str, str, Op | int, Values]
 
@@ -511,10 +513,14 @@ class EdgeStore:
             params: list[Any] = [above]
             for table, pk in chunk:
                 params += [table, pk]
+            # A join from the keys, so SQLite walks the (tbl, pk, seq) index per key instead
+            # of scanning the outbox (an IN over row values does not use the index).
             rows = await self._writer.execute_fetchall(
-                f"SELECT {OUTBOX_COLUMNS}, rev FROM outbox "
-                f"WHERE seq > ? AND (tbl, pk) IN (VALUES {pairs}) ORDER BY seq",
-                params,
+                f"WITH k(tbl, pk) AS (VALUES {pairs}) "
+                f"SELECT {_JOINED_OUTBOX_COLUMNS}, o.rev "
+                "FROM k JOIN outbox o ON o.tbl = k.tbl AND o.pk = k.pk AND o.seq > ? "
+                "ORDER BY o.seq",
+                [*params[1:], above],
             )
             for row in rows:
                 change = change_from_row(self.node_id, row[:-1])

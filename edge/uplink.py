@@ -453,6 +453,8 @@ class Uplink:
             "cursor": str(cursor),
             "limit": str(self.settings.pull_limit),
             "wait": str(round(wait_s)),
+            # the rows this node created itself need not come back to it
+            "holds": str(self.store.cursors().last_seq),
         }
         timeout = aiohttp.ClientTimeout(total=wait_s + self.settings.request_timeout_s)
         try:

@@ -166,10 +166,18 @@ def test_register_push_and_pull_round_trip(pg_database: str) -> None:
         ack = await cloud.push(device, [line(device.node, i) for i in (1, 2, 3)])
         assert (ack.acked_through, ack.head, ack.outcomes["applied"]) == (3, 3, 3)
         assert ack.segments == ((1, 3, 1),) and ack.hlc > 0 and ack.server_ms > 0
-        page = await cloud.pull(device, 0)
+        # the writer holds the rows it created: its page skips them, not their revs
+        own = await cloud.pull(device, 0, holds=3)
+        assert own.entries == [] and own.segments == ((1, 3, 1),)
+        assert (own.next, own.head, own.more, own.conflicts) == (3, 3, False, 0)
+        # restored from a copy that holds only seq 1, it gets rows 2 and 3 back
+        restored = await cloud.pull(device, 0, holds=1)
+        assert [e.rev for e in restored.entries] == [2, 3]
+        other = await cloud.device(device.site, "bar edge")
+        page = await cloud.pull(other, 0)
         assert [e.state.pk for e in page.entries] == [f"{device.node}-l{i}" for i in (1, 2, 3)]
-        assert (page.next, page.head, page.more, page.conflicts) == (3, 3, False, 0)
-        paged = await cloud.pull(device, 1, limit=1)
+        assert (page.next, page.head, page.more, page.segments) == (3, 3, False, ())
+        paged = await cloud.pull(other, 1, limit=1)
         assert [e.rev for e in paged.entries] == [2] and paged.more and paged.next == 2
 
         # a dashboard edit reaches the edge through the feed
