@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from sync_protocol.changes import Change
 from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, SyncError
 from sync_protocol.hlc import estimate_offset_ms
 from sync_protocol.session import Backoff, PullSession, PushSession, State
@@ -219,6 +220,8 @@ class Uplink:
         self._stuck: str | None = None
         #: until a push is acknowledged, a change never sent goes alone (see ``_push_step``)
         self._probe = True
+        #: the next batch, read while the previous push is on the wire: (after, limit, task)
+        self._prefetch: tuple[int, int, asyncio.Future[list[Change]]] | None = None
         self._pushed = RateMeter()
         self._pulled = RateMeter()
 
@@ -237,6 +240,7 @@ class Uplink:
 
     async def stop(self) -> None:
         """Cancel both tasks, wait for them, and close the HTTP session."""
+        self._drop_prefetch()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -365,7 +369,7 @@ class Uplink:
         # so that nothing new is applied before the edge stops.
         never_sent = cursors.sent_through <= cursors.acked_through
         limit = 1 if self._probe and never_sent else self._batch
-        changes = await self.store.outbox_after(cursors.acked_through, limit)
+        changes = await self._read_outbox(cursors.acked_through, limit)
         if not changes:
             return False
         try:
@@ -376,6 +380,8 @@ class Uplink:
                 return True  # try again at once with the smaller batch
             raise
         http = self._require_http()
+        if len(changes) == limit:  # likely more: read the next batch while this one travels
+            self._prefetch_outbox(changes[-1].seq)
         try:
             await self.store.mark_sent(changes[-1].seq)
             sent = self._now_ms()
@@ -412,6 +418,36 @@ class Uplink:
         if self._batch < self.settings.batch_max_changes:
             self._batch = min(self.settings.batch_max_changes, self._batch * 2)
         return True
+
+    def _prefetch_outbox(self, after: int) -> None:
+        self._drop_prefetch()
+        limit = self._batch
+        task = asyncio.ensure_future(self.store.outbox_after(after, limit))
+        task.add_done_callback(_retrieve)  # an unused prefetch's error is not an error
+        self._prefetch = (after, limit, task)
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch[2].cancel()
+            self._prefetch = None
+
+    async def _read_outbox(self, after: int, limit: int) -> list[Change]:
+        """The next batch: the one read ahead while the last push travelled, if it fits."""
+        ahead, self._prefetch = self._prefetch, None
+        if ahead is not None:
+            ahead_after, ahead_limit, task = ahead
+            if ahead_after == after and ahead_limit <= limit and not task.cancelled():
+                try:
+                    changes = await task
+                except sqlite3.Error:
+                    changes = []  # read it again below, where a failure counts
+                # A short read reached the end of the outbox as it was then: writes may have
+                # come since, so only a full batch is used.
+                if len(changes) == ahead_limit:
+                    return changes
+            else:
+                task.cancel()
+        return await self.store.outbox_after(after, limit)
 
     async def _push_refused(self, status: int, data: bytes) -> bool:
         code, message, details = decode_error(data)
@@ -551,6 +587,11 @@ class Uplink:
         delay = channel.fail(self._rand())
         log.warning("%s failed (%s: %s); retrying in %.2fs", name, code, message, delay)
         return UplinkError(error, delay)
+
+
+def _retrieve(task: asyncio.Future[list[Change]]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _network_code(exc: BaseException) -> str:
