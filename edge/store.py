@@ -44,7 +44,7 @@ from sync_protocol.errors import ErrorCode, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
 from sync_protocol.merge import apply_local, rebase, validate_change
 from sync_protocol.schema import Author, Registry
-from sync_protocol.wire import PullPage, PushAck
+from sync_protocol.wire import PackedChange, PullPage, PushAck
 
 from .errors import EdgeError, EdgeErrorCode
 from .migrations import migrate
@@ -62,6 +62,7 @@ from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, pack, prepare_writ
 
 T = TypeVar("T")
 
+_EMPTY_MAP = b"\x80"  # msgpack {}
 _JOINED_OUTBOX_COLUMNS = ", ".join(f"o.{c}" for c in OUTBOX_COLUMNS.split(", "))
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Write = tuple[str, str, Op | int, Values]
@@ -315,6 +316,17 @@ class EdgeStore:
             (seq, limit),
         )
         return [change_from_row(self.node_id, row) for row in rows]
+
+    async def outbox_rows_after(self, seq: int, limit: int) -> list[PackedChange]:
+        """``outbox_after`` as stored (column maps still packed): what a push sends as is."""
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [
+            (s, t, p, o, f if f is not None else _EMPTY_MAP, b, h, old)
+            for s, t, p, o, f, b, h, old in rows
+        ]
 
     def cursors(self) -> Cursors:
         """The committed cursors."""

@@ -34,11 +34,10 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from sync_protocol.changes import Change
 from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, SyncError
 from sync_protocol.hlc import estimate_offset_ms
 from sync_protocol.session import Backoff, PullSession, PushSession, State
-from sync_protocol.wire import PullPage, decode_error
+from sync_protocol.wire import PackedChange, PullPage, decode_error
 
 from .config import SyncSettings
 from .errors import EdgeError, EdgeErrorCode
@@ -221,7 +220,7 @@ class Uplink:
         #: until a push is acknowledged, a change never sent goes alone (see ``_push_step``)
         self._probe = True
         #: the next batch, read while the previous push is on the wire: (after, limit, task)
-        self._prefetch: tuple[int, int, asyncio.Future[list[Change]]] | None = None
+        self._prefetch: tuple[int, int, asyncio.Future[list[PackedChange]]] | None = None
         self._pushed = RateMeter()
         self._pulled = RateMeter()
 
@@ -369,21 +368,22 @@ class Uplink:
         # so that nothing new is applied before the edge stops.
         never_sent = cursors.sent_through <= cursors.acked_through
         limit = 1 if self._probe and never_sent else self._batch
-        changes = await self._read_outbox(cursors.acked_through, limit)
-        if not changes:
+        rows = await self._read_outbox(cursors.acked_through, limit)
+        if not rows:
             return False
+        first_seq, last_seq = rows[0][0], rows[-1][0]
         try:
-            body = self._push.send(changes)
+            body = self._push.send_packed(rows)
         except LocalProtocolError as exc:
             if exc.code is ErrorCode.BATCH_TOO_LARGE and self._batch > 1:
-                self._batch = max(1, len(changes) // 2)
+                self._batch = max(1, len(rows) // 2)
                 return True  # try again at once with the smaller batch
             raise
         http = self._require_http()
-        if len(changes) == limit:  # likely more: read the next batch while this one travels
-            self._prefetch_outbox(changes[-1].seq)
+        if len(rows) == limit:  # likely more: read the next batch while this one travels
+            self._prefetch_outbox(last_seq)
         try:
-            await self.store.mark_sent(changes[-1].seq)
+            await self.store.mark_sent(last_seq)
             sent = self._now_ms()
             async with http.post(
                 self.url + PUSH_PATH,
@@ -402,7 +402,7 @@ class Uplink:
         except RemoteProtocolError as exc:
             raise self._failed(self._push, "push", str(exc.code), exc.message) from exc
         self._observe(ack.hlc, sent, received, ack.server_ms)
-        held_through = changes[0].seq + ack.outcomes.get("duplicate", 0) - 1
+        held_through = first_seq + ack.outcomes.get("duplicate", 0) - 1
         if held_through > cursors.sent_through:
             raise EdgeError(
                 EdgeErrorCode.CLOUD_AHEAD,
@@ -422,7 +422,7 @@ class Uplink:
     def _prefetch_outbox(self, after: int) -> None:
         self._drop_prefetch()
         limit = self._batch
-        task = asyncio.ensure_future(self.store.outbox_after(after, limit))
+        task = asyncio.ensure_future(self.store.outbox_rows_after(after, limit))
         task.add_done_callback(_retrieve)  # an unused prefetch's error is not an error
         self._prefetch = (after, limit, task)
 
@@ -431,7 +431,7 @@ class Uplink:
             self._prefetch[2].cancel()
             self._prefetch = None
 
-    async def _read_outbox(self, after: int, limit: int) -> list[Change]:
+    async def _read_outbox(self, after: int, limit: int) -> list[PackedChange]:
         """The next batch: the one read ahead while the last push travelled, if it fits."""
         ahead, self._prefetch = self._prefetch, None
         if ahead is not None:
@@ -447,7 +447,7 @@ class Uplink:
                     return changes
             else:
                 task.cancel()
-        return await self.store.outbox_after(after, limit)
+        return await self.store.outbox_rows_after(after, limit)
 
     async def _push_refused(self, status: int, data: bytes) -> bool:
         code, message, details = decode_error(data)
@@ -589,7 +589,7 @@ class Uplink:
         return UplinkError(error, delay)
 
 
-def _retrieve(task: asyncio.Future[list[Change]]) -> None:
+def _retrieve(task: asyncio.Future[list[PackedChange]]) -> None:
     if not task.cancelled():
         task.exception()
 

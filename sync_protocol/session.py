@@ -22,7 +22,17 @@ from enum import StrEnum
 
 from .changes import Change
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .wire import DEFAULT_LIMITS, Limits, PullPage, PushAck, decode_ack, decode_pull, encode_push
+from .wire import (
+    DEFAULT_LIMITS,
+    Limits,
+    PackedChange,
+    PullPage,
+    PushAck,
+    decode_ack,
+    decode_pull,
+    encode_push,
+    encode_push_packed,
+)
 
 
 class State(StrEnum):
@@ -141,6 +151,21 @@ class PushSession(_Channel):
         body = encode_push(self.site, self.node, changes, codec, self.limits)
         self._move("send")
         self.in_flight = InFlight(changes[0].seq, changes[-1].seq, body)
+        return body
+
+    def send_packed(self, rows: Sequence[PackedChange], codec: str = "zlib") -> bytes:
+        """``send`` for changes stored packed by their writer (``wire.PackedChange``)."""
+        if not rows or rows[0][0] != self.acked_through + 1:
+            raise LocalProtocolError(
+                ErrorCode.SESSION_STATE,
+                f"next batch must start at seq {self.acked_through + 1}",
+            )
+        first, last = rows[0][0], rows[-1][0]
+        if last - first + 1 != len(rows):
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "a batch's seqs must be contiguous")
+        body = encode_push_packed(self.site, self.node, rows, codec, self.limits)
+        self._move("send")
+        self.in_flight = InFlight(first, last, body)
         return body
 
     def receive_ack(self, body: bytes) -> PushAck:

@@ -93,3 +93,15 @@ def test_transition_tables_name_only_known_states() -> None:
     for table in (PUSH_TRANSITIONS, PULL_TRANSITIONS):
         for (state, _event), target in table.items():
             assert isinstance(state, State) and isinstance(target, State)
+
+
+def test_packed_batches_follow_the_same_rules() -> None:
+    push = PushSession("site", "edge-a", acked_through=4)
+    row = (5, "orders", "o5", 1, b"\x81\xa6covers\x02", 0, 5, None)
+    with pytest.raises(LocalProtocolError):
+        push.send_packed([(6, *row[1:])])  # must start right after the watermark
+    with pytest.raises(LocalProtocolError):
+        push.send_packed([row, (7, *row[1:])])  # and have no gaps
+    batch = decode_push(push.send_packed([row, (6, *row[1:])]))
+    assert [c.seq for c in batch.changes] == [5, 6] and batch.changes[0].fields == {"covers": 2}
+    assert push.state is State.SENDING

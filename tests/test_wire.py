@@ -24,10 +24,31 @@ from sync_protocol.wire import (
     encode_error,
     encode_pull,
     encode_push,
+    encode_push_packed,
     pack_entry,
 )
 
 from .generators import change_runs, ids, scalars
+
+
+@given(change_runs(), st.sampled_from(["none", "zlib"]))
+def test_packed_push_is_the_same_frame(changes: list[Change], codec: str) -> None:
+    rows = [
+        (
+            c.seq,
+            c.table,
+            c.pk,
+            int(c.op),
+            msgpack.packb(dict(c.fields), use_bin_type=True),
+            c.base,
+            c.hlc,
+            None if c.old is None else msgpack.packb(dict(c.old), use_bin_type=True),
+        )
+        for c in changes
+    ]
+    origin = changes[0].origin
+    packed = encode_push_packed("site-1", origin, rows, codec)
+    assert packed == encode_push("site-1", origin, changes, codec)
 
 
 @given(change_runs(), st.sampled_from(["none", "zlib"]))
