@@ -36,8 +36,8 @@ import msgpack
 
 from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, SyncError
 from sync_protocol.hlc import estimate_offset_ms
-from sync_protocol.session import Backoff, PullSession, PushSession, State
-from sync_protocol.wire import PackedChange, PullPage, decode_error
+from sync_protocol.session import Backoff, InFlight, PullSession, PushSession, State
+from sync_protocol.wire import PullPage, decode_error
 
 from .config import SyncSettings
 from .errors import EdgeError, EdgeErrorCode
@@ -220,7 +220,7 @@ class Uplink:
         #: until a push is acknowledged, a change never sent goes alone (see ``_push_step``)
         self._probe = True
         #: the next batch, read while the previous push is on the wire: (after, limit, task)
-        self._prefetch: tuple[int, int, asyncio.Future[list[PackedChange]]] | None = None
+        self._prefetch: tuple[int, int, asyncio.Future[InFlight | None]] | None = None
         self._pushed = RateMeter()
         self._pulled = RateMeter()
 
@@ -368,19 +368,19 @@ class Uplink:
         # so that nothing new is applied before the edge stops.
         never_sent = cursors.sent_through <= cursors.acked_through
         limit = 1 if self._probe and never_sent else self._batch
-        rows = await self._read_outbox(cursors.acked_through, limit)
-        if not rows:
-            return False
-        first_seq, last_seq = rows[0][0], rows[-1][0]
         try:
-            body = self._push.send_packed(rows)
+            batch = await self._next_batch(cursors.acked_through, limit)
+            if batch is None:
+                return False
+            body = self._push.send_prepared(batch)
         except LocalProtocolError as exc:
             if exc.code is ErrorCode.BATCH_TOO_LARGE and self._batch > 1:
-                self._batch = max(1, len(rows) // 2)
+                self._batch = max(1, min(self._batch, limit) // 2)
                 return True  # try again at once with the smaller batch
             raise
+        first_seq, last_seq = batch.first, batch.last
         http = self._require_http()
-        if len(rows) == limit:  # likely more: read the next batch while this one travels
+        if last_seq - first_seq + 1 == limit:  # likely more: frame the next while this travels
             self._prefetch_outbox(last_seq)
         try:
             await self.store.mark_sent(last_seq)
@@ -422,7 +422,14 @@ class Uplink:
     def _prefetch_outbox(self, after: int) -> None:
         self._drop_prefetch()
         limit = self._batch
-        task = asyncio.ensure_future(self.store.outbox_rows_after(after, limit))
+
+        async def read_and_frame() -> InFlight | None:
+            rows = await self.store.outbox_rows_after(after, limit)
+            # A short read reached the end of the outbox as it was then: writes may have come
+            # since, so only a full batch is worth framing ahead.
+            return self._push.prepare(rows) if len(rows) == limit else None
+
+        task = asyncio.ensure_future(read_and_frame())
         task.add_done_callback(_retrieve)  # an unused prefetch's error is not an error
         self._prefetch = (after, limit, task)
 
@@ -431,23 +438,22 @@ class Uplink:
             self._prefetch[2].cancel()
             self._prefetch = None
 
-    async def _read_outbox(self, after: int, limit: int) -> list[PackedChange]:
-        """The next batch: the one read ahead while the last push travelled, if it fits."""
+    async def _next_batch(self, after: int, limit: int) -> InFlight | None:
+        """The next framed batch: the one prepared while the last push travelled, if it fits."""
         ahead, self._prefetch = self._prefetch, None
         if ahead is not None:
             ahead_after, ahead_limit, task = ahead
             if ahead_after == after and ahead_limit <= limit and not task.cancelled():
                 try:
-                    changes = await task
-                except sqlite3.Error:
-                    changes = []  # read it again below, where a failure counts
-                # A short read reached the end of the outbox as it was then: writes may have
-                # come since, so only a full batch is used.
-                if len(changes) == ahead_limit:
-                    return changes
+                    batch = await task
+                except (sqlite3.Error, SyncError):
+                    batch = None  # read it again below, where a failure counts
+                if batch is not None:
+                    return batch
             else:
                 task.cancel()
-        return await self.store.outbox_rows_after(after, limit)
+        rows = await self.store.outbox_rows_after(after, limit)
+        return self._push.prepare(rows) if rows else None
 
     async def _push_refused(self, status: int, data: bytes) -> bool:
         code, message, details = decode_error(data)
@@ -589,7 +595,7 @@ class Uplink:
         return UplinkError(error, delay)
 
 
-def _retrieve(task: asyncio.Future[list[PackedChange]]) -> None:
+def _retrieve(task: asyncio.Future[InFlight | None]) -> None:
     if not task.cancelled():
         task.exception()
 

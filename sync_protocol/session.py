@@ -153,20 +153,35 @@ class PushSession(_Channel):
         self.in_flight = InFlight(changes[0].seq, changes[-1].seq, body)
         return body
 
-    def send_packed(self, rows: Sequence[PackedChange], codec: str = "zlib") -> bytes:
-        """``send`` for changes stored packed by their writer (``wire.PackedChange``)."""
-        if not rows or rows[0][0] != self.acked_through + 1:
+    def prepare(self, rows: Sequence[PackedChange], codec: str = "zlib") -> InFlight:
+        """Frame changes stored packed by their writer (``wire.PackedChange``), without sending.
+
+        Framing touches no state, so a driver can prepare the next batch while the current
+        one is on the wire, then ``send_prepared`` it.
+        """
+        if not rows:
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "a batch carries changes")
+        first, last = rows[0][0], rows[-1][0]
+        if last - first + 1 != len(rows):
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "a batch's seqs must be contiguous")
+        return InFlight(
+            first, last, encode_push_packed(self.site, self.node, rows, codec, self.limits)
+        )
+
+    def send_prepared(self, batch: InFlight) -> bytes:
+        """Send a prepared batch; it must start right after what is acknowledged."""
+        if batch.first != self.acked_through + 1:
             raise LocalProtocolError(
                 ErrorCode.SESSION_STATE,
                 f"next batch must start at seq {self.acked_through + 1}",
             )
-        first, last = rows[0][0], rows[-1][0]
-        if last - first + 1 != len(rows):
-            raise LocalProtocolError(ErrorCode.SESSION_STATE, "a batch's seqs must be contiguous")
-        body = encode_push_packed(self.site, self.node, rows, codec, self.limits)
         self._move("send")
-        self.in_flight = InFlight(first, last, body)
-        return body
+        self.in_flight = batch
+        return batch.body
+
+    def send_packed(self, rows: Sequence[PackedChange], codec: str = "zlib") -> bytes:
+        """``send`` for changes stored packed by their writer."""
+        return self.send_prepared(self.prepare(rows, codec))
 
     def receive_ack(self, body: bytes) -> PushAck:
         """Take the cloud's answer; the acknowledged watermark moves forward."""
