@@ -159,16 +159,27 @@ class EdgeStore:
 
     # -- transactions ----------------------------------------------------------------------
 
-    async def _transact(self, body: Callable[[State], Awaitable[T]], local: bool = False) -> T:
-        """Run ``body`` in one write transaction that a cancelled caller cannot interrupt."""
+    async def _transact(
+        self,
+        body: Callable[[State], Awaitable[T]],
+        local: bool = False,
+        single_statement: bool = False,
+    ) -> T:
+        """Run ``body`` in one write transaction that a cancelled caller cannot interrupt.
+
+        ``single_statement``: ``body`` only changes state that one UPDATE saves, which SQLite
+        commits atomically by itself, so no explicit transaction is opened.
+        """
         if self._closed:
             raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-        task = asyncio.ensure_future(self._run(body, local))
+        task = asyncio.ensure_future(self._run(body, local, single_statement))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
-    async def _run(self, body: Callable[[State], Awaitable[T]], local: bool) -> T:
+    async def _run(
+        self, body: Callable[[State], Awaitable[T]], local: bool, single_statement: bool
+    ) -> T:
         async with self._lock:
             if self._closed:
                 raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
@@ -176,6 +187,13 @@ class EdgeStore:
             if conn.in_transaction:  # never expected; refuse to build on a stray transaction
                 await conn.execute("ROLLBACK")
             staged = replace(self._state)
+            if single_statement:
+                result = await body(staged)
+                if sum(getattr(staged, k) != getattr(self._state, k) for k in STATE_KEYS) > 1:
+                    raise RuntimeError("a single-statement body changed more than one key")
+                await self._save_state(staged)
+                self._state = staged
+                return result
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 result = await body(staged)
@@ -190,7 +208,8 @@ class EdgeStore:
                 self.changed.set()
             return result
 
-    async def _save_state(self, staged: State) -> None:
+    async def _save_state(self, staged: State) -> int:
+        """Write the keys ``staged`` changed; returns how many."""
         old = self._state
         changed = [
             (k, getattr(staged, k))
@@ -205,6 +224,7 @@ class EdgeStore:
             await self._writer.executemany(
                 "UPDATE sync_state SET value = ? WHERE key = ?", [(v, k) for k, v in changed]
             )
+        return len(changed)
 
     # -- local writes ----------------------------------------------------------------------
 
@@ -358,7 +378,8 @@ class EdgeStore:
             st.sent_through = max(st.sent_through, min(through, st.last_seq))
 
         if through > self._state.sent_through:
-            await self._transact(body)
+            # One UPDATE is atomic on its own: no BEGIN/COMMIT round trips on the push path.
+            await self._transact(body, single_statement=True)
 
     async def mark_unsent(self) -> None:
         """The last push was refused whole: nothing past the acknowledged watermark is applied."""
