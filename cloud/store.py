@@ -53,6 +53,14 @@ def _secret_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+async def _release_connection(conn: asyncpg.Connection) -> None:
+    # The store never leaves session state behind (no SET, LISTEN, temporary tables or
+    # session locks on pooled connections), so asyncpg's full reset, one more round trip
+    # per request, is only needed for a transaction left open by a cancelled request.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class CloudStore:
     """Sites, devices, ingest, feed and conflicts over an asyncpg pool."""
 
@@ -90,6 +98,7 @@ class CloudStore:
             min_size=pool_min,
             max_size=pool_max,
             server_settings={"application_name": "fynlo-cloud", "jit": "off"},
+            reset=_release_connection,
         )
         listener = FeedListener(dsn) if listen else None
         try:
