@@ -53,6 +53,45 @@ def _secret_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+class IngestOrder:
+    """Lets a node's pipelined pushes take the site lock in seq order within this worker.
+
+    An edge may send its next batch before the answer to the previous one arrives; both
+    are decoded and checked concurrently, and this makes the later one wait (briefly) for
+    the earlier one to commit instead of being refused with ``sequence_gap``. Across
+    workers there is no such wait: the gap answer is still correct, merely slower.
+    """
+
+    def __init__(self, wait_s: float = 2.0) -> None:
+        self.wait_s = wait_s
+        self._next: dict[tuple[str, str], int] = {}
+        self._changed = asyncio.Condition()
+
+    def knows(self, key: tuple[str, str]) -> bool:
+        """Whether this worker has seen ``key``'s watermark yet."""
+        return key in self._next
+
+    async def turn(self, key: tuple[str, str], first: int) -> None:
+        """Wait until the batch starting at ``first`` is next for ``key`` (or give up)."""
+        if self._next.get(key, first) >= first:
+            return
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._next.get(key, first) >= first),
+                    self.wait_s,
+                )
+            except TimeoutError:
+                pass  # the database decides: a real gap is refused there
+
+    async def applied(self, key: tuple[str, str], watermark: int) -> None:
+        """Record that ``key``'s changes through ``watermark`` are committed."""
+        if watermark + 1 > self._next.get(key, 0):
+            self._next[key] = watermark + 1
+            async with self._changed:
+                self._changed.notify_all()
+
+
 async def _release_connection(conn: asyncpg.Connection) -> None:
     # The store never leaves session state behind (no SET, LISTEN, temporary tables or
     # session locks on pooled connections), so asyncpg's full reset, one more round trip
@@ -74,6 +113,7 @@ class CloudStore:
     ) -> None:
         self.pool = pool
         self.limits = limits
+        self.order = IngestOrder()
         self.registry = registry
         self.clock = clock
         self.listener = listener
@@ -230,6 +270,13 @@ class CloudStore:
                 ErrorCode.SITE_MISMATCH, "the batch names another site or node than its sender"
             )
         pairs = self._validate(batch.changes, Author.EDGE)
+        key = (site_id, node_id)
+        if not self.order.knows(key):
+            watermark = await self.pool.fetchval(
+                "SELECT last_seq FROM ledger WHERE site_id = $1 AND origin = $2", site_id, node_id
+            )
+            await self.order.applied(key, int(watermark or 0))
+        await self.order.turn(key, batch.first)
         async with self.pool.acquire() as conn, conn.transaction():
             head = await lock_site(conn, site_id)
             watermark = await conn.fetchval(
@@ -283,6 +330,7 @@ class CloudStore:
                 first_new,
                 first_rev,
             )
+        await self.order.applied(key, watermark)
         if fresh:
             self._wake(site_id)
         outcomes["duplicate"] = len(pairs) - len(fresh)

@@ -41,6 +41,7 @@ from sync_protocol.wire import PullPage, decode_error
 
 from .config import SyncSettings
 from .errors import EdgeError, EdgeErrorCode
+from .state import Cursors
 from .store import EdgeStore, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class Uplink:
     # -- push ------------------------------------------------------------------------------
 
     async def _push_step(self) -> bool:
-        """Send the next batch and record its ack; returns whether a batch was sent."""
+        """Send the next batch (two, in a backlog) and record the acks; False if none."""
         cursors = self.store.cursors()
         self._push.acked_through = cursors.acked_through
         # A database restored from an older copy reuses sequence numbers the cloud already
@@ -367,43 +368,82 @@ class Uplink:
         # a duplicate proves it; the first such push after start carries one change only,
         # so that nothing new is applied before the edge stops.
         never_sent = cursors.sent_through <= cursors.acked_through
-        limit = 1 if self._probe and never_sent else self._batch
+        probing = self._probe and never_sent
+        limit = 1 if probing else self._batch
         try:
             batch = await self._next_batch(cursors.acked_through, limit)
             if batch is None:
                 return False
-            body = self._push.send_prepared(batch)
         except LocalProtocolError as exc:
             if exc.code is ErrorCode.BATCH_TOO_LARGE and self._batch > 1:
                 self._batch = max(1, min(self._batch, limit) // 2)
                 return True  # try again at once with the smaller batch
             raise
-        first_seq, last_seq = batch.first, batch.last
+        batches = [batch]
+        if not probing and _full(batch, limit):
+            # A backlog: the next batch goes out at once, so the cloud decodes and checks it
+            # while it applies this one (it applies them in order).
+            try:
+                second = await self._next_batch(batch.last, limit)
+            except LocalProtocolError:
+                second = None  # sent on its own next time, where its error counts
+            if second is not None:
+                batches.append(second)
+        bodies = [self._push.send_prepared(b) for b in batches]
+        if _full(batches[-1], limit):  # likely more: frame the next while these travel
+            self._prefetch_outbox(batches[-1].last)
         http = self._require_http()
-        if last_seq - first_seq + 1 == limit:  # likely more: frame the next while this travels
-            self._prefetch_outbox(last_seq)
         try:
-            await self.store.mark_sent(last_seq)
-            sent = self._now_ms()
-            async with http.post(
-                self.url + PUSH_PATH,
-                data=body,
-                headers={"Content-Type": CONTENT_TYPE},
-                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s),
-            ) as resp:
-                status, data = resp.status, await resp.read()
-            received = self._now_ms()
-        except _STEP_ERRORS as exc:
-            raise self._failed(self._push, "push", _network_code(exc), str(exc)) from exc
-        if status != 200:
-            return await self._push_refused(status, data)
+            await self.store.mark_sent(batches[-1].last)
+        except BaseException:
+            self._push.abort()
+            raise
+        sent = self._now_ms()
+        posts = [asyncio.ensure_future(self._post(http, body)) for body in bodies]
+        try:
+            for index, (batch, post) in enumerate(zip(batches, posts, strict=True)):
+                try:
+                    status, data, received = await post
+                except _STEP_ERRORS as exc:
+                    raise self._failed(self._push, "push", _network_code(exc), str(exc)) from exc
+                if status != 200:
+                    if index and decode_error(data)[0] == ErrorCode.SEQUENCE_GAP:
+                        # Checked before the batch ahead of it committed (another worker):
+                        # not a loss, just send it again.
+                        self._push.abort()
+                        return True
+                    return await self._push_refused(status, data)
+                await self._take_ack(batch, data, cursors, sent, received)
+        finally:
+            for post in posts:
+                post.cancel()
+            await asyncio.gather(*posts, return_exceptions=True)
+        self._probe = False
+        if self._batch < self.settings.batch_max_changes:
+            self._batch = min(self.settings.batch_max_changes, self._batch * 2)
+        return True
+
+    async def _post(self, http: aiohttp.ClientSession, body: bytes) -> tuple[int, bytes, int]:
+        async with http.post(
+            self.url + PUSH_PATH,
+            data=body,
+            headers={"Content-Type": CONTENT_TYPE},
+            timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s),
+        ) as resp:
+            return resp.status, await resp.read(), self._now_ms()
+
+    async def _take_ack(
+        self, batch: InFlight, data: bytes, cursors: Cursors, sent: int, received: int
+    ) -> None:
+        """Check and record the answer to ``batch``."""
         try:
             ack = self._push.receive_ack(data)
         except RemoteProtocolError as exc:
             raise self._failed(self._push, "push", str(exc.code), exc.message) from exc
         self._observe(ack.hlc, sent, received, ack.server_ms)
-        held_through = first_seq + ack.outcomes.get("duplicate", 0) - 1
-        if held_through > cursors.sent_through:
+        duplicates = ack.outcomes.get("duplicate", 0)
+        held_through = batch.first + duplicates - 1
+        if duplicates and held_through > cursors.sent_through:
             raise EdgeError(
                 EdgeErrorCode.CLOUD_AHEAD,
                 f"the cloud already holds seq {held_through} of this node, which never sent "
@@ -411,13 +451,10 @@ class Uplink:
                 held_through=held_through,
                 sent_through=cursors.sent_through,
             )
-        self._probe = False
+        acked_before = self.store.cursors().acked_through
         await self.store.record_ack(ack)
-        self._pushed.add(received, max(0, ack.acked_through - cursors.acked_through))
+        self._pushed.add(received, max(0, ack.acked_through - acked_before))
         self._succeeded("push")
-        if self._batch < self.settings.batch_max_changes:
-            self._batch = min(self.settings.batch_max_changes, self._batch * 2)
-        return True
 
     def _prefetch_outbox(self, after: int) -> None:
         self._drop_prefetch()
@@ -593,6 +630,10 @@ class Uplink:
         delay = channel.fail(self._rand())
         log.warning("%s failed (%s: %s); retrying in %.2fs", name, code, message, delay)
         return UplinkError(error, delay)
+
+
+def _full(batch: InFlight, limit: int) -> bool:
+    return batch.last - batch.first + 1 == limit
 
 
 def _retrieve(task: asyncio.Future[InFlight | None]) -> None:

@@ -6,6 +6,7 @@ states; a driver (the edge uplink) feeds in what happened and does what the sess
 
     push:  IDLE --send--> SENDING --ack--> IDLE
                           SENDING --fail--> BACKOFF --retry--> IDLE
+           (up to ``window`` batches may be out at once; answers are taken oldest first)
     pull:  IDLE --request--> WAITING --page--> APPLYING --applied--> IDLE
                              WAITING --fail--> BACKOFF --retry--> IDLE
 
@@ -48,7 +49,9 @@ class State(StrEnum):
 PUSH_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.IDLE, "send"): State.SENDING,
     (State.IDLE, "fail"): State.BACKOFF,
+    (State.SENDING, "send"): State.SENDING,  # a second batch while the first is on the wire
     (State.SENDING, "ack"): State.IDLE,
+    (State.SENDING, "ack_some"): State.SENDING,  # the oldest answered, another still out
     (State.SENDING, "fail"): State.BACKOFF,
     (State.SENDING, "abort"): State.IDLE,
     (State.BACKOFF, "retry"): State.IDLE,
@@ -135,22 +138,36 @@ class PushSession(_Channel):
         acked_through: int,
         limits: Limits = DEFAULT_LIMITS,
         backoff: Backoff = Backoff(),
+        window: int = 2,
     ) -> None:
         super().__init__(backoff)
         self.site, self.node, self.limits = site, node, limits
         self.acked_through = acked_through
-        self.in_flight: InFlight | None = None
+        self.window = window
+        #: batches sent and not yet answered, oldest first
+        self.in_flight: list[InFlight] = []
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next batch must start at (after everything acknowledged or sent)."""
+        return (self.in_flight[-1].last if self.in_flight else self.acked_through) + 1
+
+    def _check_next(self, first: int) -> None:
+        if first != self.next_seq:
+            raise LocalProtocolError(
+                ErrorCode.SESSION_STATE, f"next batch must start at seq {self.next_seq}"
+            )
+        if len(self.in_flight) >= self.window:
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "the send window is full")
 
     def send(self, changes: Sequence[Change], codec: str = "zlib") -> bytes:
-        """Frame the next batch; it must start right after what is acknowledged."""
-        if not changes or changes[0].seq != self.acked_through + 1:
-            raise LocalProtocolError(
-                ErrorCode.SESSION_STATE,
-                f"next batch must start at seq {self.acked_through + 1}",
-            )
+        """Frame the next batch; it must start right after what is acknowledged or sent."""
+        if not changes:
+            raise LocalProtocolError(ErrorCode.SESSION_STATE, "a batch carries changes")
+        self._check_next(changes[0].seq)
         body = encode_push(self.site, self.node, changes, codec, self.limits)
         self._move("send")
-        self.in_flight = InFlight(changes[0].seq, changes[-1].seq, body)
+        self.in_flight.append(InFlight(changes[0].seq, changes[-1].seq, body))
         return body
 
     def prepare(self, rows: Sequence[PackedChange], codec: str = "zlib") -> InFlight:
@@ -169,14 +186,10 @@ class PushSession(_Channel):
         )
 
     def send_prepared(self, batch: InFlight) -> bytes:
-        """Send a prepared batch; it must start right after what is acknowledged."""
-        if batch.first != self.acked_through + 1:
-            raise LocalProtocolError(
-                ErrorCode.SESSION_STATE,
-                f"next batch must start at seq {self.acked_through + 1}",
-            )
+        """Send a prepared batch; it must start right after what is acknowledged or sent."""
+        self._check_next(batch.first)
         self._move("send")
-        self.in_flight = batch
+        self.in_flight.append(batch)
         return batch.body
 
     def send_packed(self, rows: Sequence[PackedChange], codec: str = "zlib") -> bytes:
@@ -184,17 +197,22 @@ class PushSession(_Channel):
         return self.send_prepared(self.prepare(rows, codec))
 
     def receive_ack(self, body: bytes) -> PushAck:
-        """Take the cloud's answer; the acknowledged watermark moves forward."""
-        if self.in_flight is None:
+        """Take the answer to the oldest batch out; the acknowledged watermark moves forward."""
+        if not self.in_flight:
             raise LocalProtocolError(ErrorCode.SESSION_STATE, "no batch in flight")
         ack = decode_ack(body)
-        if ack.acked_through < self.in_flight.first - 1:
+        if ack.acked_through < self.in_flight[0].first - 1:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "ack goes backwards")
-        self._move("ack")
+        self.in_flight.pop(0)
+        self._move("ack_some" if self.in_flight else "ack")
         self.failures = 0
-        self.acked_through = ack.acked_through
-        self.in_flight = None
+        self.acked_through = max(self.acked_through, ack.acked_through)
         return ack
+
+    def fail(self, draw: float) -> float:
+        """A request failed: every batch out is forgotten (resent from the watermark)."""
+        self.in_flight = []
+        return super().fail(draw)
 
     def resync(self, acked_through: int) -> None:
         """Adopt a watermark learnt elsewhere (the store, or a gap answer); idle only."""
@@ -203,14 +221,13 @@ class PushSession(_Channel):
         self.acked_through = acked_through
 
     def abort(self) -> None:
-        """The push was cancelled: forget the batch in flight."""
+        """The push was cancelled: forget the batches in flight."""
         super().abort()
-        self.in_flight = None
+        self.in_flight = []
 
     def receive_gap(self, expected: int, draw: float) -> float:
         """The cloud wants seq ``expected`` next: resume from there (after a short wait)."""
         self.acked_through = expected - 1
-        self.in_flight = None
         return self.fail(draw)
 
 

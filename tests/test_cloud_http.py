@@ -517,3 +517,18 @@ def test_strategy_overrides_are_checked_at_start_up() -> None:
     for bad in ("orders", "payroll=manual", "orders=coin_toss"):
         with pytest.raises(ConfigError, match="strategies"):
             load_config(CloudConfig, None, "FYNLO_CLOUD", environ={"FYNLO_CLOUD_STRATEGIES": bad})
+
+
+def test_a_pipelined_push_waits_its_turn_instead_of_being_refused(pg_database: str) -> None:
+    async def body(cloud: Cloud) -> None:
+        device = await cloud.site_with_device()
+        await cloud.push(device, [line(device.node, 1)])  # the worker knows the watermark
+        # The second batch reaches the cloud first; it waits for the first, then lands.
+        second = asyncio.create_task(cloud.push(device, [line(device.node, i) for i in (4, 5)]))
+        await asyncio.sleep(0)  # let it go out first
+        first = await cloud.push(device, [line(device.node, i) for i in (2, 3)])
+        ack = await second
+        assert (first.acked_through, ack.acked_through) == (3, 5)
+        assert ack.segments == ((4, 5, 4),) and ack.outcomes["duplicate"] == 0
+
+    run(config_for(pg_database), body)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from cloud.errors import CloudCode, CloudError
 from cloud.rows import pack_entry
 from cloud.schema import MIGRATIONS
-from cloud.store import CloudStore
+from cloud.store import CloudStore, IngestOrder
 from shared.registry import TABLES, default_registry
 from sync_protocol import checksum, wire
 from sync_protocol.changes import Change, FeedEntry, Op, RowState, Value, Version
@@ -834,3 +834,23 @@ def test_the_store_agrees_with_the_reference_model(pg_database: str, strategy: S
         asyncio.run(_same_as_model(pg_database, registry, scenario))
 
     check()
+
+
+def test_ingest_order_holds_a_later_batch_until_the_earlier_one_commits() -> None:
+    async def body() -> None:
+        order = IngestOrder(wait_s=5)
+        key = ("site", "node")
+        await order.applied(key, 0)
+        later = asyncio.create_task(order.turn(key, 4))  # seqs 4.. while 1..3 are on the way
+        await asyncio.sleep(0.01)
+        assert not later.done()
+        await order.applied(key, 3)
+        await asyncio.wait_for(later, 1)
+        await asyncio.wait_for(order.turn(key, 4), 0.01)  # its turn now: no wait
+        impatient = IngestOrder(wait_s=0.05)
+        await impatient.applied(key, 0)
+        started = asyncio.get_running_loop().time()
+        await impatient.turn(key, 10)  # a real gap: give up, the database refuses it
+        assert asyncio.get_running_loop().time() - started >= 0.05
+
+    asyncio.run(body())

@@ -27,13 +27,16 @@ def test_push_sends_in_order_and_moves_the_watermark_on_ack() -> None:
     push = PushSession("site", "edge-a", acked_through=0)
     body = push.send(changes(1, 3))
     assert push.state is State.SENDING and decode_push(body).last == 3
+    push.send(changes(4, 2))  # a second batch may follow the first onto the wire
     with pytest.raises(LocalProtocolError) as err:
-        push.send(changes(4, 1))  # one batch in flight at a time
+        push.send(changes(6, 1))  # but the window holds two
     assert err.value.code is ErrorCode.SESSION_STATE
     push.receive_ack(encode_ack("site", "edge-a", PushAck(3, 3, {}, 0, 0, ((1, 3, 1),))))
-    assert (push.state, push.acked_through, push.in_flight) == (State.IDLE, 3, None)
+    assert (push.state, push.acked_through, push.next_seq) == (State.SENDING, 3, 6)
+    push.receive_ack(encode_ack("site", "edge-a", PushAck(5, 5, {}, 0, 0, ((4, 5, 4),))))
+    assert (push.state, push.acked_through, push.in_flight) == (State.IDLE, 5, [])
     with pytest.raises(LocalProtocolError):
-        push.send(changes(5, 1))  # must continue right after the watermark
+        push.send(changes(7, 1))  # must continue right after the watermark
 
 
 def test_push_failure_backs_off_with_growing_capped_jitter() -> None:
@@ -58,7 +61,7 @@ def test_push_gap_resumes_from_what_the_cloud_expects_and_abort_forgets() -> Non
     push.retry()
     push.send(changes(8, 5))
     push.abort()
-    assert push.state is State.IDLE and push.in_flight is None
+    assert push.state is State.IDLE and push.in_flight == []
     push.resync(12)
     assert push.acked_through == 12
 
