@@ -380,15 +380,16 @@ class Uplink:
                 return True  # try again at once with the smaller batch
             raise
         batches = [batch]
-        if not probing and _full(batch, limit):
+        while not probing and _full(batches[-1], limit) and len(batches) < self._push.window:
             # A backlog: the next batch goes out at once, so the cloud decodes and checks it
-            # while it applies this one (it applies them in order).
+            # while it applies the one ahead (it applies them in order).
             try:
-                second = await self._next_batch(batch.last, limit)
+                following = await self._next_batch(batches[-1].last, limit)
             except LocalProtocolError:
-                second = None  # sent on its own next time, where its error counts
-            if second is not None:
-                batches.append(second)
+                following = None  # sent on its own next time, where its error counts
+            if following is None:
+                break
+            batches.append(following)
         bodies = [self._push.send_prepared(b) for b in batches]
         if _full(batches[-1], limit):  # likely more: frame the next while these travel
             self._prefetch_outbox(batches[-1].last)

@@ -6,7 +6,8 @@ states; a driver (the edge uplink) feeds in what happened and does what the sess
 
     push:  IDLE --send--> SENDING --ack--> IDLE
                           SENDING --fail--> BACKOFF --retry--> IDLE
-           (up to ``window`` batches may be out at once; answers are taken oldest first)
+           (up to ``window`` batches, 3 by default, may be out at once; answers are taken
+           oldest first)
     pull:  IDLE --request--> WAITING --page--> APPLYING --applied--> IDLE
                              WAITING --fail--> BACKOFF --retry--> IDLE
 
@@ -138,7 +139,7 @@ class PushSession(_Channel):
         acked_through: int,
         limits: Limits = DEFAULT_LIMITS,
         backoff: Backoff = Backoff(),
-        window: int = 2,
+        window: int = 3,
     ) -> None:
         super().__init__(backoff)
         self.site, self.node, self.limits = site, node, limits

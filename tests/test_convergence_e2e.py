@@ -48,8 +48,8 @@ def _parked(c: Any) -> Parked:
 
 
 async def _push(edge: Edge) -> None:
-    # One push step: a batch of at most batch_max_changes (3), and in a backlog a second one
-    # pipelined behind it, as the uplink's push task does per step.
+    # One push step: a batch of at most batch_max_changes (3), and in a backlog more pipelined
+    # behind it (up to the session's window), as the uplink's push task does per step.
     await edge.uplink._push_step()
 
 
@@ -66,7 +66,8 @@ async def push_step(f: Fleet, edge: Edge, overlap: bool, parked: list[Parked] | 
     """
     store = f.cloud.store
     acked = edge.store.cursors().acked_through
-    candidates = await edge.store.outbox_after(acked, 2 * 3)  # up to two batches per step
+    window = edge.uplink._push.window
+    candidates = await edge.store.outbox_after(acked, window * 3)  # batches out per step
     keys = [(c.table, c.pk) for c in candidates]
     async with store.pool.acquire() as conn:
         states = await load_states(conn, store.io, edge.site, keys)

@@ -24,7 +24,7 @@ def changes(first: int, n: int) -> list[Change]:
 
 
 def test_push_sends_in_order_and_moves_the_watermark_on_ack() -> None:
-    push = PushSession("site", "edge-a", acked_through=0)
+    push = PushSession("site", "edge-a", acked_through=0, window=2)
     body = push.send(changes(1, 3))
     assert push.state is State.SENDING and decode_push(body).last == 3
     push.send(changes(4, 2))  # a second batch may follow the first onto the wire
