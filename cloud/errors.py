@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sync_protocol import wire
-from sync_protocol.errors import ErrorCode, ErrorInfo, SyncError
+from sync_protocol.errors import CodedError, ErrorCode, ErrorInfo, SyncError
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,14 @@ CLOUD_ERRORS: dict[CloudCode, ErrorInfo] = {
 }
 
 
-class CloudError(Exception):
+class CloudError(CodedError):
     """A refusal by the cloud's own API; carries a stable code and details."""
 
-    def __init__(self, code: CloudCode, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+    table = CLOUD_ERRORS
+    code: CloudCode
 
-    @property
-    def status(self) -> int:
-        """The HTTP status this error maps to."""
-        return CLOUD_ERRORS[self.code].status
+    def __init__(self, code: CloudCode, message: str, **details: object) -> None:
+        super().__init__(code, message, **details)
 
 
 # -- turning errors into HTTP responses (the one place that does it) ------------------------

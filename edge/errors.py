@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from sync_protocol.errors import CodedError, ErrorInfo
+
 
 class EdgeErrorCode(StrEnum):
     """Every edge-side condition that stops an operation."""
@@ -20,42 +22,29 @@ class EdgeErrorCode(StrEnum):
     UPLINK_DISABLED = "uplink_disabled"
 
 
-EDGE_ERRORS: dict[EdgeErrorCode, tuple[int, str]] = {
-    EdgeErrorCode.IDENTITY_MISMATCH: (500, "the database file belongs to another site or node"),
-    EdgeErrorCode.CLOUD_AHEAD: (
+EDGE_ERRORS: dict[EdgeErrorCode, ErrorInfo] = {
+    EdgeErrorCode.IDENTITY_MISMATCH: ErrorInfo(
+        500, "the database file belongs to another site or node"
+    ),
+    EdgeErrorCode.CLOUD_AHEAD: ErrorInfo(
         500,
         "the cloud has acknowledged sequence numbers this node never wrote "
         "(database restored from an old copy, or a node id reused)",
     ),
-    EdgeErrorCode.CHANGES_LOST: (
+    EdgeErrorCode.CHANGES_LOST: ErrorInfo(
         500,
         "the cloud asks for changes this node has already pruned (cloud restored from backup)",
     ),
-    EdgeErrorCode.STORE_CLOSED: (503, "the edge store is closed"),
-    EdgeErrorCode.UPLINK_DISABLED: (503, "no cloud url or token is configured"),
+    EdgeErrorCode.STORE_CLOSED: ErrorInfo(503, "the edge store is closed"),
+    EdgeErrorCode.UPLINK_DISABLED: ErrorInfo(503, "no cloud url or token is configured"),
 }
 
 
-class EdgeError(Exception):
+class EdgeError(CodedError):
     """Base of the edge's own errors; carries a stable code and details."""
 
+    table = EDGE_ERRORS
+    code: EdgeErrorCode
+
     def __init__(self, code: EdgeErrorCode, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-    @property
-    def status(self) -> int:
-        """The HTTP status this error maps to."""
-        return EDGE_ERRORS[self.code][0]
-
-    def to_dict(self) -> dict[str, object]:
-        """The error as a JSON object: ``{"error": {"code", "message", ...}}``."""
-        body: dict[str, object] = {"code": str(self.code), "message": self.message}
-        if self.details:
-            body["details"] = dict(self.details)
-        return {"error": body}
-
-    def __repr__(self) -> str:
-        return f"EdgeError({self.code!s}: {self.message})"
+        super().__init__(code, message, **details)

@@ -8,8 +8,10 @@ means this side was asked to do something the protocol forbids.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, ClassVar
 
 
 class ErrorCode(StrEnum):
@@ -67,10 +69,16 @@ ERRORS: dict[ErrorCode, ErrorInfo] = {
 }
 
 
-class SyncError(Exception):
-    """Base of every sync protocol error; carries a stable code and details."""
+class CodedError(Exception):
+    """An error with a stable code, a message and details; ``table`` maps codes to HTTP.
 
-    def __init__(self, code: ErrorCode, message: str, **details: object) -> None:
+    The base that each package's own error class extends (``SyncError`` here, the cloud's
+    and the edge's errors there), so codes are carried and rendered the same way everywhere.
+    """
+
+    table: ClassVar[Mapping[Any, ErrorInfo]] = {}
+
+    def __init__(self, code: Any, message: str, **details: object) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -79,7 +87,7 @@ class SyncError(Exception):
     @property
     def status(self) -> int:
         """The HTTP status this error maps to."""
-        return ERRORS[self.code].status
+        return self.table[self.code].status
 
     def to_dict(self) -> dict[str, object]:
         """The error as a wire/JSON object: ``{"error": {"code", "message", ...}}``."""
@@ -90,6 +98,16 @@ class SyncError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code!s}: {self.message})"
+
+
+class SyncError(CodedError):
+    """Base of every sync protocol error; carries a stable code and details."""
+
+    table = ERRORS
+    code: ErrorCode
+
+    def __init__(self, code: ErrorCode, message: str, **details: object) -> None:
+        super().__init__(code, message, **details)
 
 
 class RemoteProtocolError(SyncError):
