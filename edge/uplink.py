@@ -5,13 +5,16 @@ each is driven by its ``sync_protocol.session`` state machine, which frames and 
 bytes and says how long to back off. The I/O is all here.
 
 * Push: wait on the store's ``changed`` event (set after every committed local write), then
-  send the outbox after the acknowledged watermark in batches of ``batch_max_changes`` and
-  record each ack; loop while more is waiting. ``sequence_gap`` resumes from the cloud's
+  send the outbox after the acknowledged watermark in batches of ``batch_max_changes``, as the
+  stored msgpack blobs, and record each ack; loop while more is waiting. In a backlog up to
+  the session's window of batches go out at once (the cloud applies them in order) and the
+  next one is read and framed while they travel. ``sequence_gap`` resumes from the cloud's
   ``expected`` (``decide_gap``); a refusal (4xx) is shown in the status and retried with
   backoff, keeping every change.
-* Pull: long-poll ``GET /v1/sync/pull`` after the durable cursor, apply each page in one
+* Pull: long-poll ``GET /v1/sync/pull`` after the durable cursor (saying up to which seq the
+  node holds its own changes, so its own new rows are not sent back), apply each page in one
   store transaction, and ask again at once (without waiting while the page says ``more``).
-  When the page's open-conflict count changes, the local conflicts mirror is refreshed.
+  When a page may have changed the open conflicts, the local conflicts mirror is refreshed.
 
 Network errors, timeouts and 5xx back off with full jitter and retry forever. Every step is
 one store transaction and cursors move only after it commits, so cancelling either task at
