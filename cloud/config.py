@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import load_config
-from shared.registry import default_registry
-from sync_protocol.schema import Registry, Strategy
+from shared.registry import default_registry, parse_strategies
+from sync_protocol.schema import Registry
 from sync_protocol.wire import Limits
 
 ENV_PREFIX = "FYNLO_CLOUD"
@@ -106,30 +106,6 @@ class CloudConfig:
     def registry(self) -> Registry:
         """The synced tables with this config's strategy overrides."""
         return default_registry().with_strategies(parse_strategies(self.strategies))
-
-
-def parse_strategies(text: str) -> dict[str, str]:
-    """Parse ``"table=strategy,…"`` into ``{table: strategy}``, refusing unknown names."""
-    out: dict[str, str] = {}
-    known = default_registry()
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        table, sep, strategy = (part.strip() for part in item.partition("="))
-        if not sep or not table or not strategy:
-            raise ValueError(f"strategies: {item!r} is not table=strategy")
-        if table not in known:
-            raise ValueError(f"strategies: unknown table {table!r}")
-        try:
-            Strategy(strategy)
-        except ValueError:
-            choices = ", ".join(s.value for s in Strategy)
-            raise ValueError(
-                f"strategies: unknown strategy {strategy!r} for {table} (one of {choices})"
-            ) from None
-        out[table] = strategy
-    return out
 
 
 def load(path: str | Path | None) -> CloudConfig:

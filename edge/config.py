@@ -11,28 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 from shared.config import load_config
-from sync_protocol.schema import Registry, Strategy
+from shared.registry import parse_strategies
+from sync_protocol.schema import Registry
 
 ENV_PREFIX = "FYNLO_EDGE"
 DEFAULT_PATH = "edge.toml"
-
-
-def parse_strategies(text: str) -> dict[str, Strategy]:
-    """Parse ``"orders=manual, menu_items=server_wins"`` into ``{table: Strategy}``."""
-    out: dict[str, Strategy] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        table, sep, name = (s.strip() for s in part.partition("="))
-        if not sep or not table:
-            raise ValueError(f"strategies: expected table=strategy, got {part!r}")
-        try:
-            out[table] = Strategy(name)
-        except ValueError:
-            known = ", ".join(s.value for s in Strategy)
-            raise ValueError(f"strategies: unknown strategy {name!r} (known: {known})") from None
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +140,7 @@ class EdgeConfig:
     def registry(self, base: Registry) -> Registry:
         """``base`` with this config's strategy overrides applied."""
         overrides = parse_strategies(self.strategies)
-        return base.with_strategies({k: v.value for k, v in overrides.items()})
+        return base.with_strategies(overrides)
 
 
 def load_edge_config(path: str | Path | None = DEFAULT_PATH) -> EdgeConfig:

@@ -115,3 +115,26 @@ TABLES: tuple[TableSpec, ...] = (MENU_CATEGORIES, MENU_ITEMS, ORDERS, ORDER_LINE
 def default_registry() -> Registry:
     """The registry of every synced table with its default strategy."""
     return Registry(TABLES)
+
+
+def parse_strategies(text: str) -> dict[str, Strategy]:
+    """Parse a ``"orders=manual, menu_items=server_wins"`` setting into ``{table: Strategy}``."""
+    out: dict[str, Strategy] = {}
+    known = {spec.name for spec in TABLES}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        table, sep, name = (part.strip() for part in item.partition("="))
+        if not sep or not table or not name:
+            raise ValueError(f"strategies: {item!r} is not table=strategy")
+        if table not in known:
+            raise ValueError(f"strategies: unknown table {table!r}")
+        try:
+            out[table] = Strategy(name)
+        except ValueError:
+            choices = ", ".join(s.value for s in Strategy)
+            raise ValueError(
+                f"strategies: unknown strategy {name!r} for {table} (one of {choices})"
+            ) from None
+    return out
