@@ -1,11 +1,18 @@
 """The edge's SQLite store: synced rows, the outbox of local changes, and sync cursors.
 
-How it works. One writer connection takes every write under ``BEGIN IMMEDIATE`` behind an
-``asyncio.Lock``; a second connection serves reads from WAL snapshots, so readers never see
-half a transaction and never wait for a writer. Each operation (a local write, an ack, a
-pull page) is one transaction run as its own shielded task: cancelling the caller at any
-await cannot leave a transaction open, and the in-memory copy of ``sync_state`` is replaced
-only after ``COMMIT``, so cursors move only with what they describe.
+How it works. One writer connection takes every write under ``BEGIN IMMEDIATE``. It lives
+on its own thread (a one-worker executor, as datasette's write thread does): a whole
+transaction is one function run there, so a write costs one hand-off between the event loop
+and that thread however many statements it runs. (aiosqlite, which serves the reads, hands
+off once per statement; under load each hand-off waits for the loop and the GIL, which made
+a five-statement write several times slower at the tail.) Transactions queue behind an
+``asyncio.Lock``; a second connection (aiosqlite) serves reads from WAL snapshots, so readers
+never see half a transaction and never wait for a writer. Each operation (a local write, an
+ack, a pull page) is one transaction run as its own shielded task: cancelling the caller at
+any await cannot leave a transaction open, and the in-memory copy of ``sync_state`` is
+replaced only after ``COMMIT``, so cursors move only with what they describe. The writer
+thread also owns the node's hybrid logical clock: local timestamps are taken inside the
+transaction that logs them (so they rise with ``seq``), and remote ones are merged there.
 
 A local write changes the row and appends a ``Change`` to ``outbox`` in the same
 transaction; ``seq`` is ``last_seq + 1`` and is persisted with it (no gaps: a refused or
@@ -28,9 +35,11 @@ outbox, with ack marks no longer needed.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -84,7 +93,8 @@ class EdgeStore:
         registry: Registry,
         site_id: str,
         node_id: str,
-        writer: aiosqlite.Connection,
+        writer: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
         reader: aiosqlite.Connection,
         state: State,
         clock: HybridClock,
@@ -96,7 +106,8 @@ class EdgeStore:
         self.clock = clock
         #: set after every committed local write (the uplink waits on it to push at once)
         self.changed = asyncio.Event()
-        self._writer = writer
+        self._writer = writer  # used only on the executor's one thread
+        self._executor = executor
         self._reader = reader
         self._state = state
         self._tables = {spec.name: TableIO(spec) for spec in registry}
@@ -121,26 +132,42 @@ class EdgeStore:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous}")
         path = Path(path)
-        await asyncio.to_thread(migrate, path, registry, site_id, node_id)
-        writer = await aiosqlite.connect(str(path), isolation_level=None)
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fynlo-edge-writer")
+
+        def connect() -> tuple[sqlite3.Connection, State, int]:
+            migrate(path, registry, site_id, node_id)
+            conn = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                for pragma in ("busy_timeout = 5000", "journal_mode = WAL"):
+                    conn.execute(f"PRAGMA {pragma}")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                state = state_from(conn.execute("SELECT key, value FROM sync_state").fetchall())
+                max_hlc = conn.execute("SELECT max(hlc) FROM outbox").fetchone()[0] or 0
+            except BaseException:
+                conn.close()
+                raise
+            return conn, state, max_hlc
+
+        try:
+            writer, state, max_hlc = await loop.run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         reader: aiosqlite.Connection | None = None
         try:
-            for pragma in ("busy_timeout = 5000", "journal_mode = WAL"):
-                await writer.execute(f"PRAGMA {pragma}")
-            await writer.execute(f"PRAGMA synchronous = {synchronous}")
             reader = await aiosqlite.connect(str(path), isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 5000")
             await reader.execute("PRAGMA query_only = ON")
-            state = state_from(await writer.execute_fetchall("SELECT key, value FROM sync_state"))
-            clock = HybridClock(now_ms)
-            row = await writer.execute_fetchall("SELECT max(hlc) FROM outbox")
-            clock.last = max(clock.last, next(iter(row))[0] or 0)
         except BaseException:
-            await writer.close()
+            await loop.run_in_executor(executor, writer.close)
+            executor.shutdown(wait=False)
             if reader is not None:
                 await reader.close()
             raise
-        return cls(path, registry, site_id, node_id, writer, reader, state, clock)
+        clock = HybridClock(now_ms)
+        clock.last = max(clock.last, max_hlc)
+        return cls(path, registry, site_id, node_id, writer, executor, reader, state, clock)
 
     async def close(self) -> None:
         """Wait for the transaction in progress, then close both connections."""
@@ -148,7 +175,8 @@ class EdgeStore:
             return
         async with self._lock:
             self._closed = True
-            await self._writer.close()
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
+            self._executor.shutdown(wait=False)
             await self._reader.close()
 
     async def __aenter__(self) -> EdgeStore:
@@ -161,11 +189,11 @@ class EdgeStore:
 
     async def _transact(
         self,
-        body: Callable[[State], Awaitable[T]],
+        body: Callable[[sqlite3.Connection, State], T],
         local: bool = False,
         single_statement: bool = False,
     ) -> T:
-        """Run ``body`` in one write transaction that a cancelled caller cannot interrupt.
+        """Run ``body`` on the writer thread in one transaction a cancelled caller cannot cut.
 
         ``single_statement``: ``body`` only changes state that one UPDATE saves, which SQLite
         commits atomically by itself, so no explicit transaction is opened.
@@ -178,53 +206,62 @@ class EdgeStore:
         return await asyncio.shield(task)
 
     async def _run(
-        self, body: Callable[[State], Awaitable[T]], local: bool, single_statement: bool
+        self, body: Callable[[sqlite3.Connection, State], T], local: bool, single_statement: bool
     ) -> T:
         async with self._lock:
             if self._closed:
                 raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-            conn = self._writer
-            if conn.in_transaction:  # never expected; refuse to build on a stray transaction
-                await conn.execute("ROLLBACK")
-            staged = replace(self._state)
-            if single_statement:
-                result = await body(staged)
-                if sum(getattr(staged, k) != getattr(self._state, k) for k in STATE_KEYS) > 1:
-                    raise RuntimeError("a single-statement body changed more than one key")
-                await self._save_state(staged)
-                self._state = staged
-                return result
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = await body(staged)
-                await self._save_state(staged)
-                await conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-                raise
-            self._state = staged
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._executor, self._in_transaction, body, single_statement
+            )
             if local:  # even if the caller was cancelled meanwhile, the uplink must know
                 self.changed.set()
             return result
 
-    async def _save_state(self, staged: State) -> int:
+    def _in_transaction(
+        self, body: Callable[[sqlite3.Connection, State], T], single_statement: bool
+    ) -> T:
+        """On the writer thread: run ``body`` and commit it with the state it staged."""
+        conn = self._writer
+        if conn.in_transaction:  # never expected; refuse to build on a stray transaction
+            conn.execute("ROLLBACK")
+        staged = replace(self._state)
+        if single_statement:
+            result = body(conn, staged)
+            if sum(getattr(staged, k) != getattr(self._state, k) for k in STATE_KEYS) > 1:
+                raise RuntimeError("a single-statement body changed more than one key")
+            self._save_state(conn, staged)
+            self._state = staged
+            return result
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn, staged)
+            self._save_state(conn, staged)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._state = staged
+        return result
+
+    def _save_state(self, conn: sqlite3.Connection, staged: State) -> int:
         """Write the keys ``staged`` changed; returns how many."""
         old = self._state
         changed = [
-            (k, getattr(staged, k))
+            (v, k)
             for k in STATE_KEYS
-            if getattr(old, k) != getattr(staged, k) and k != "last_seq"  # kept by a trigger
+            if (v := getattr(staged, k)) != getattr(old, k) and k != "last_seq"  # by a trigger
         ]
-        if len(changed) == 1:
-            await self._writer.execute(
-                "UPDATE sync_state SET value = ? WHERE key = ?", (changed[0][1], changed[0][0])
-            )
-        elif changed:
-            await self._writer.executemany(
-                "UPDATE sync_state SET value = ? WHERE key = ?", [(v, k) for k, v in changed]
-            )
+        if changed:
+            conn.executemany("UPDATE sync_state SET value = ? WHERE key = ?", changed)
         return len(changed)
+
+    def observe(self, remote_hlc: int) -> None:
+        """Merge a peer's HLC timestamp into this node's clock (on the thread that owns it)."""
+        if not self._closed and remote_hlc:
+            self._executor.submit(self.clock.observe, remote_hlc)
 
     # -- local writes ----------------------------------------------------------------------
 
@@ -240,21 +277,23 @@ class EdgeStore:
         if not prepared:
             return []
 
-        async def body(st: State) -> list[Change]:
-            return await self._write_rows(st, prepared)
+        def body(conn: sqlite3.Connection, st: State) -> list[Change]:
+            return self._write_rows(conn, st, prepared)
 
         return await self._transact(body, local=True)
 
-    async def _write_rows(
-        self, st: State, writes: list[tuple[TableIO, str, Op, dict[str, Value]]]
+    def _write_rows(
+        self,
+        conn: sqlite3.Connection,
+        st: State,
+        writes: list[tuple[TableIO, str, Op, dict[str, Value]]],
     ) -> list[Change]:
-        conn = self._writer
         seen: dict[tuple[str, str], dict[str, Value] | None] = {}
         changes: list[Change] = []
         written_ms = self.clock.now_ms()
         for io, pk, op, fields in writes:
             key = (io.spec.name, pk)
-            current = seen[key] if key in seen else await self._load_row(conn, io, pk)
+            current = seen[key] if key in seen else _load_row(conn, io, pk)
             old: dict[str, Value] | None = None
             if current is not None and op is Op.UPDATE:
                 old = {name: current.get(name) for name in fields}
@@ -273,13 +312,13 @@ class EdgeStore:
             )
             validate_change(io.spec, change, Author.EDGE)
             if op is Op.DELETE:
-                await conn.execute(io.delete, (pk,))
+                conn.execute(io.delete, (pk,))
                 seen[key] = None
             else:
                 values = apply_local(io.spec, current, op, fields)
-                await conn.execute(io.upsert, io.params(pk, values))
+                conn.execute(io.upsert, io.params(pk, values))
                 seen[key] = values
-            await conn.execute(
+            conn.execute(
                 f"INSERT INTO outbox ({OUTBOX_COLUMNS}, written_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -306,16 +345,11 @@ class EdgeStore:
             raise RemoteProtocolError(ErrorCode.UNKNOWN_TABLE, f"table {table!r} is not synced")
         return io
 
-    @staticmethod
-    async def _load_row(
-        conn: aiosqlite.Connection, io: TableIO, pk: str
-    ) -> dict[str, Value] | None:
-        rows = list(await conn.execute_fetchall(io.select_one, (pk,)))
-        return io.values(rows[0]) if rows else None
-
     async def get(self, table: str, pk: str) -> dict[str, Value] | None:
         """A row's values (committed), or None."""
-        return await self._load_row(self._reader, self._io(table), pk)
+        io = self._io(table)
+        rows = list(await self._reader.execute_fetchall(io.select_one, (pk,)))
+        return io.values(rows[0]) if rows else None
 
     async def rows(self, table: str) -> dict[str, dict[str, Value]]:
         """Every row of a table, by primary key."""
@@ -374,7 +408,7 @@ class EdgeStore:
     async def mark_sent(self, through: int) -> None:
         """Record that changes up to ``through`` are about to be sent (the cloud may apply them)."""
 
-        async def body(st: State) -> None:
+        def body(conn: sqlite3.Connection, st: State) -> None:
             st.sent_through = max(st.sent_through, min(through, st.last_seq))
 
         if through > self._state.sent_through:
@@ -384,7 +418,7 @@ class EdgeStore:
     async def mark_unsent(self) -> None:
         """The last push was refused whole: nothing past the acknowledged watermark is applied."""
 
-        async def body(st: State) -> None:
+        def body(conn: sqlite3.Connection, st: State) -> None:
             st.sent_through = st.acked_through
 
         if self._state.sent_through != self._state.acked_through:
@@ -393,26 +427,26 @@ class EdgeStore:
     async def record_ack(self, ack: PushAck) -> None:
         """Record the cloud's answer to a push: the watermark and an ack mark."""
 
-        async def body(st: State) -> None:
+        def body(conn: sqlite3.Connection, st: State) -> None:
             self._check_not_ahead(st, ack.acked_through)
             st.acked_through = max(st.acked_through, ack.acked_through)
             st.sent_through = max(st.sent_through, st.acked_through)
             st.last_push_ok_ms = self.clock.now_ms()
             if ack.acked_through > 0:
-                await self._writer.execute(
+                conn.execute(
                     "INSERT INTO ack_marks (seq_through, head) VALUES (?, ?) "
                     "ON CONFLICT(seq_through) DO UPDATE SET head = min(head, excluded.head)",
                     (ack.acked_through, ack.head),
                 )
-            await self._record_revs(ack.segments, ack.acked_through)
-            await self._reflect(st)
+            _record_revs(conn, ack.segments, ack.acked_through)
+            _reflect(conn, st)
 
         await self._transact(body)
 
     async def record_watermark(self, acked_through: int) -> None:
         """The cloud already holds changes up to ``acked_through`` (learnt without a head)."""
 
-        async def body(st: State) -> None:
+        def body(conn: sqlite3.Connection, st: State) -> None:
             self._check_not_ahead(st, acked_through)
             st.acked_through = max(st.acked_through, acked_through)
             st.sent_through = max(st.sent_through, st.acked_through)
@@ -422,7 +456,7 @@ class EdgeStore:
     async def rewind_acked(self, acked_through: int) -> None:
         """The cloud holds less than it acknowledged: resend from ``acked_through + 1``."""
 
-        async def body(st: State) -> None:
+        def body(conn: sqlite3.Connection, st: State) -> None:
             if acked_through < st.reflected_through:
                 raise EdgeError(
                     EdgeErrorCode.CHANGES_LOST,
@@ -433,9 +467,7 @@ class EdgeStore:
                 )
             st.acked_through = min(st.acked_through, acked_through)
             st.sent_through = min(st.sent_through, acked_through)
-            await self._writer.execute(
-                "DELETE FROM ack_marks WHERE seq_through > ?", (acked_through,)
-            )
+            conn.execute("DELETE FROM ack_marks WHERE seq_through > ?", (acked_through,))
 
         await self._transact(body)
 
@@ -449,32 +481,6 @@ class EdgeStore:
                 last_seq=st.last_seq,
             )
 
-    async def _reflect(self, st: State) -> None:
-        """Advance ``reflected_through`` (revisions and marks at or below the cursor); prune."""
-        by_mark = await self._scalar(
-            "SELECT max(seq_through) FROM ack_marks WHERE head <= ?", (st.pull_cursor,)
-        )
-        first_out = await self._scalar(
-            "SELECT min(seq) FROM outbox WHERE seq > ? AND (rev IS NULL OR rev > ?)",
-            (st.reflected_through, st.pull_cursor),
-        )
-        if first_out is not None:
-            by_rev = first_out - 1
-        else:  # every logged change after reflected_through is at or below the cursor
-            by_rev = await self._scalar(
-                "SELECT max(seq) FROM outbox WHERE seq > ?", (st.reflected_through,)
-            )
-        reflected = min(max(by_mark or 0, by_rev or 0), st.acked_through)
-        if reflected <= st.reflected_through:
-            return
-        st.reflected_through = reflected
-        await self._writer.execute("DELETE FROM outbox WHERE seq <= ?", (reflected,))
-        await self._writer.execute("DELETE FROM ack_marks WHERE seq_through < ?", (reflected,))
-
-    async def _scalar(self, sql: str, params: Sequence[Any]) -> Any:
-        rows = list(await self._writer.execute_fetchall(sql, params))
-        return rows[0][0] if rows else None
-
     # -- pull ------------------------------------------------------------------------------
 
     async def apply_page(self, page: PullPage) -> int:
@@ -486,14 +492,14 @@ class EdgeStore:
         if page.next < page.cursor:
             raise RemoteProtocolError(ErrorCode.INVALID_CURSOR, "the page goes backwards")
 
-        async def body(st: State) -> int:
+        def body(conn: sqlite3.Connection, st: State) -> int:
             if page.cursor != st.pull_cursor:
                 raise RemoteProtocolError(
                     ErrorCode.INVALID_CURSOR,
                     f"page starts at {page.cursor} but this edge is at {st.pull_cursor}",
                 )
-            await self._record_revs(page.segments, st.last_seq)
-            logged = await self._logged(list(latest), st)
+            _record_revs(conn, page.segments, st.last_seq)
+            logged = self._logged(conn, list(latest), st)
             upserts: dict[TableIO, list[tuple[Value, ...]]] = defaultdict(list)
             deletes: dict[TableIO, list[tuple[str]]] = defaultdict(list)
             for key, (io, rev, state) in latest.items():
@@ -508,32 +514,20 @@ class EdgeStore:
                 else:
                     upserts[io].append(io.params(state.pk, predicted.values))
             for io, keys in deletes.items():
-                await self._writer.executemany(io.delete, keys)
+                conn.executemany(io.delete, keys)
             for io, rows in upserts.items():
-                await self._writer.executemany(io.upsert, rows)
+                conn.executemany(io.upsert, rows)
             st.pull_cursor = page.next
             st.cloud_head = max(page.head, page.next)
             st.cloud_conflicts = page.conflicts
             st.last_pull_ok_ms = self.clock.now_ms()
-            await self._reflect(st)
+            _reflect(conn, st)
             return len(latest)
 
         return await self._transact(body)
 
-    async def _record_revs(self, segments: Sequence[tuple[int, int, int]], upto: int) -> None:
-        """Store the feed revision of each of this node's changes the segments cover."""
-        rows = [
-            (first_rev, first_seq, first_seq, min(last_seq, upto))
-            for first_seq, last_seq, first_rev in segments
-            if first_seq <= min(last_seq, upto)
-        ]
-        if rows:
-            await self._writer.executemany(
-                "UPDATE outbox SET rev = ? + seq - ? WHERE seq BETWEEN ? AND ?", rows
-            )
-
-    async def _logged(
-        self, keys: list[tuple[str, str]], st: State
+    def _logged(
+        self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State
     ) -> dict[tuple[str, str], list[tuple[Change, int | None]]]:
         """This node's unreflected changes to the given rows with their revisions, in order."""
         out: dict[tuple[str, str], list[tuple[Change, int | None]]] = defaultdict(list)
@@ -548,13 +542,13 @@ class EdgeStore:
                 params += [table, pk]
             # A join from the keys, so SQLite walks the (tbl, pk, seq) index per key instead
             # of scanning the outbox (an IN over row values does not use the index).
-            rows = await self._writer.execute_fetchall(
+            rows = conn.execute(
                 f"WITH k(tbl, pk) AS (VALUES {pairs}) "
                 f"SELECT {_JOINED_OUTBOX_COLUMNS}, o.rev "
                 "FROM k JOIN outbox o ON o.tbl = k.tbl AND o.pk = k.pk AND o.seq > ? "
                 "ORDER BY o.seq",
                 [*params[1:], above],
-            )
+            ).fetchall()
             for row in rows:
                 change = change_from_row(self.node_id, row[:-1])
                 out[(change.table, change.pk)].append((change, row[-1]))
@@ -565,8 +559,8 @@ class EdgeStore:
     async def replace_conflicts(self, conflicts: Sequence[Mapping[str, Any]]) -> None:
         """Replace the local mirror of the site's open conflicts (as the cloud lists them)."""
 
-        async def body(st: State) -> None:
-            await self._writer.execute("DELETE FROM conflicts")
+        def body(conn: sqlite3.Connection, st: State) -> None:
+            conn.execute("DELETE FROM conflicts")
             rows = [
                 (
                     _conflict_id(c),
@@ -576,7 +570,7 @@ class EdgeStore:
                 )
                 for c in conflicts
             ]
-            await self._writer.executemany(
+            conn.executemany(
                 "INSERT OR REPLACE INTO conflicts (id, tbl, pk, body) VALUES (?, ?, ?, ?)", rows
             )
             st.cloud_conflicts = len(rows)
@@ -587,6 +581,54 @@ class EdgeStore:
         """The mirrored open conflicts of this site, as the cloud described them."""
         rows = await self._reader.execute_fetchall("SELECT body FROM conflicts ORDER BY id")
         return [msgpack.unpackb(row[0], raw=False) for row in rows]
+
+
+# -- on the writer thread -------------------------------------------------------------------
+
+
+def _load_row(conn: sqlite3.Connection, io: TableIO, pk: str) -> dict[str, Value] | None:
+    row = conn.execute(io.select_one, (pk,)).fetchone()
+    return io.values(row) if row is not None else None
+
+
+def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return row[0] if row is not None else None
+
+
+def _record_revs(
+    conn: sqlite3.Connection, segments: Sequence[tuple[int, int, int]], upto: int
+) -> None:
+    """Store the feed revision of each of this node's changes the segments cover."""
+    rows = [
+        (first_rev, first_seq, first_seq, min(last_seq, upto))
+        for first_seq, last_seq, first_rev in segments
+        if first_seq <= min(last_seq, upto)
+    ]
+    if rows:
+        conn.executemany("UPDATE outbox SET rev = ? + seq - ? WHERE seq BETWEEN ? AND ?", rows)
+
+
+def _reflect(conn: sqlite3.Connection, st: State) -> None:
+    """Advance ``reflected_through`` (revisions and marks at or below the cursor); prune."""
+    by_mark = _scalar(
+        conn, "SELECT max(seq_through) FROM ack_marks WHERE head <= ?", (st.pull_cursor,)
+    )
+    first_out = _scalar(
+        conn,
+        "SELECT min(seq) FROM outbox WHERE seq > ? AND (rev IS NULL OR rev > ?)",
+        (st.reflected_through, st.pull_cursor),
+    )
+    if first_out is not None:
+        by_rev = first_out - 1
+    else:  # every logged change after reflected_through is at or below the cursor
+        by_rev = _scalar(conn, "SELECT max(seq) FROM outbox WHERE seq > ?", (st.reflected_through,))
+    reflected = min(max(by_mark or 0, by_rev or 0), st.acked_through)
+    if reflected <= st.reflected_through:
+        return
+    st.reflected_through = reflected
+    conn.execute("DELETE FROM outbox WHERE seq <= ?", (reflected,))
+    conn.execute("DELETE FROM ack_marks WHERE seq_through < ?", (reflected,))
 
 
 def _conflict_id(conflict: Mapping[str, Any]) -> str:

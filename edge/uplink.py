@@ -597,8 +597,7 @@ class Uplink:
         return self._http
 
     def _observe(self, remote_hlc: int, sent_ms: int, received_ms: int, server_ms: int) -> None:
-        if remote_hlc:
-            self.store.clock.observe(remote_hlc)
+        self.store.observe(remote_hlc)
         if server_ms:
             self._skew_ms = estimate_offset_ms(sent_ms, received_ms, server_ms)
 
