@@ -5,14 +5,15 @@ on its own thread (a one-worker executor, as datasette's write thread does): a w
 transaction is one function run there, so a write costs one hand-off between the event loop
 and that thread however many statements it runs. (aiosqlite, which serves the reads, hands
 off once per statement; under load each hand-off waits for the loop and the GIL, which made
-a five-statement write several times slower at the tail.) Transactions queue behind an
-``asyncio.Lock``; a second connection (aiosqlite) serves reads from WAL snapshots, so readers
-never see half a transaction and never wait for a writer. Each operation (a local write, an
-ack, a pull page) is one transaction run as its own shielded task: cancelling the caller at
-any await cannot leave a transaction open, and the in-memory copy of ``sync_state`` is
-replaced only after ``COMMIT``, so cursors move only with what they describe. The writer
-thread also owns the node's hybrid logical clock: local timestamps are taken inside the
-transaction that logs them (so they rise with ``seq``), and remote ones are merged there.
+a five-statement write several times slower at the tail.) Transactions queue in order; those
+that queued while the writer was busy run as one group, each in its own savepoint, and share
+one ``COMMIT`` (group commit: one fsync for many writes, and a failing one is undone alone).
+A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
+transaction and never wait for a writer. A caller is answered only after the commit; a
+cancelled caller cannot cut a transaction short (it runs to its end on the writer thread),
+and the in-memory copy of ``sync_state`` is replaced only after ``COMMIT``, so cursors move
+only with what they describe. Local timestamps are taken inside the transaction that logs
+them, so they rise with ``seq``.
 
 A local write changes the row and appends a ``Change`` to ``outbox`` in the same
 transaction; ``seq`` is ``last_seq + 1`` and is persisted with it (no gaps: a refused or
@@ -36,13 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import aiosqlite
 import msgpack
@@ -104,6 +106,8 @@ class EdgeStore:
         self.site_id = site_id
         self.node_id = node_id
         self.clock = clock
+        #: the writer thread takes local timestamps, the event loop merges remote ones
+        self._clock_lock = threading.Lock()
         #: set after every committed local write (the uplink waits on it to push at once)
         self.changed = asyncio.Event()
         self._writer = writer  # used only on the executor's one thread
@@ -111,8 +115,8 @@ class EdgeStore:
         self._reader = reader
         self._state = state
         self._tables = {spec.name: TableIO(spec) for spec in registry}
-        self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending: list[_Job[Any]] = []
+        self._drainer: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -173,11 +177,12 @@ class EdgeStore:
         """Wait for the transaction in progress, then close both connections."""
         if self._closed:
             return
-        async with self._lock:
-            self._closed = True
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
-            self._executor.shutdown(wait=False)
-            await self._reader.close()
+        self._closed = True  # no new transactions; the queued ones still run
+        if self._drainer is not None:
+            await asyncio.shield(self._drainer)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
+        self._executor.shutdown(wait=False)
+        await self._reader.close()
 
     async def __aenter__(self) -> EdgeStore:
         return self
@@ -188,80 +193,85 @@ class EdgeStore:
     # -- transactions ----------------------------------------------------------------------
 
     async def _transact(
-        self,
-        body: Callable[[sqlite3.Connection, State], T],
-        local: bool = False,
-        single_statement: bool = False,
+        self, body: Callable[[sqlite3.Connection, State], T], local: bool = False
     ) -> T:
-        """Run ``body`` on the writer thread in one transaction a cancelled caller cannot cut.
+        """Run ``body`` on the writer thread in a transaction a cancelled caller cannot cut.
 
-        ``single_statement``: ``body`` only changes state that one UPDATE saves, which SQLite
-        commits atomically by itself, so no explicit transaction is opened.
+        Transactions queued while the writer is busy commit together (group commit): each
+        runs in its own savepoint, so one that fails is undone alone and gets its error,
+        and all of them share one ``COMMIT`` (one fsync). Every caller is answered only
+        after that commit.
         """
         if self._closed:
             raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-        task = asyncio.ensure_future(self._run(body, local, single_statement))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        job: _Job[T] = _Job(body, asyncio.get_running_loop().create_future(), local)
+        self._pending.append(job)
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain())
+        return await asyncio.shield(job.future)
 
-    async def _run(
-        self, body: Callable[[sqlite3.Connection, State], T], local: bool, single_statement: bool
-    ) -> T:
-        async with self._lock:
-            if self._closed:
-                raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self._executor, self._in_transaction, body, single_statement
-            )
-            if local:  # even if the caller was cancelled meanwhile, the uplink must know
-                self.changed.set()
-            return result
+    async def _drain(self) -> None:
+        """Run queued transactions, in order, a group at a time, until none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                jobs = self._pending[:_GROUP_MAX]
+                del self._pending[:_GROUP_MAX]
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._executor, self._run_group, [job.body for job in jobs]
+                    )
+                except BaseException as exc:  # the commit failed: none of the group happened
+                    for job in jobs:
+                        _settle(job.future, exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                wrote = False
+                for job, outcome in zip(jobs, outcomes, strict=True):
+                    _settle(job.future, outcome)
+                    wrote = wrote or (job.local and not isinstance(outcome, _Failed))
+                if wrote:  # even if the caller was cancelled meanwhile, the uplink must know
+                    self.changed.set()
+        finally:
+            self._drainer = None
 
-    def _in_transaction(
-        self, body: Callable[[sqlite3.Connection, State], T], single_statement: bool
-    ) -> T:
-        """On the writer thread: run ``body`` and commit it with the state it staged."""
+    def _run_group(self, bodies: list[Callable[[sqlite3.Connection, State], Any]]) -> list[Any]:
+        """On the writer thread: run each body in its own savepoint, then commit them all."""
         conn = self._writer
         if conn.in_transaction:  # never expected; refuse to build on a stray transaction
             conn.execute("ROLLBACK")
-        staged = replace(self._state)
-        if single_statement:
-            result = body(conn, staged)
-            if sum(getattr(staged, k) != getattr(self._state, k) for k in STATE_KEYS) > 1:
-                raise RuntimeError("a single-statement body changed more than one key")
-            self._save_state(conn, staged)
-            self._state = staged
-            return result
+        state = self._state
+        outcomes: list[Any] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = body(conn, staged)
-            self._save_state(conn, staged)
-            conn.execute("COMMIT")
+            for body in bodies:
+                staged = replace(state)
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = body(conn, staged)
+                    _save_state(conn, state, staged)
+                except Exception as exc:  # this job's error goes back to its caller
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append(_Failed(exc))
+                    continue
+                conn.execute("RELEASE job")
+                state = staged
+                outcomes.append(result)
+            conn.execute("COMMIT" if state is not self._state else "ROLLBACK")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._state = staged
-        return result
-
-    def _save_state(self, conn: sqlite3.Connection, staged: State) -> int:
-        """Write the keys ``staged`` changed; returns how many."""
-        old = self._state
-        changed = [
-            (v, k)
-            for k in STATE_KEYS
-            if (v := getattr(staged, k)) != getattr(old, k) and k != "last_seq"  # by a trigger
-        ]
-        if changed:
-            conn.executemany("UPDATE sync_state SET value = ? WHERE key = ?", changed)
-        return len(changed)
+        self._state = state
+        return outcomes
 
     def observe(self, remote_hlc: int) -> None:
-        """Merge a peer's HLC timestamp into this node's clock (on the thread that owns it)."""
-        if not self._closed and remote_hlc:
-            self._executor.submit(self.clock.observe, remote_hlc)
+        """Merge a peer's HLC timestamp into this node's clock."""
+        if remote_hlc:
+            with self._clock_lock:
+                self.clock.observe(remote_hlc)
 
     # -- local writes ----------------------------------------------------------------------
 
@@ -292,6 +302,8 @@ class EdgeStore:
         changes: list[Change] = []
         written_ms = self.clock.now_ms()
         for io, pk, op, fields in writes:
+            with self._clock_lock:
+                hlc = self.clock.now()
             key = (io.spec.name, pk)
             current = seen[key] if key in seen else _load_row(conn, io, pk)
             old: dict[str, Value] | None = None
@@ -307,7 +319,7 @@ class EdgeStore:
                 op,
                 fields,
                 st.pull_cursor,
-                self.clock.now(),
+                hlc,
                 old,
             )
             validate_change(io.spec, change, Author.EDGE)
@@ -412,8 +424,7 @@ class EdgeStore:
             st.sent_through = max(st.sent_through, min(through, st.last_seq))
 
         if through > self._state.sent_through:
-            # One UPDATE is atomic on its own: no BEGIN/COMMIT round trips on the push path.
-            await self._transact(body, single_statement=True)
+            await self._transact(body)
 
     async def mark_unsent(self) -> None:
         """The last push was refused whole: nothing past the acknowledged watermark is applied."""
@@ -583,7 +594,49 @@ class EdgeStore:
         return [msgpack.unpackb(row[0], raw=False) for row in rows]
 
 
+_GROUP_MAX = 256  # transactions committed together at most
+
+
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    """A transaction waiting for the writer thread."""
+
+    body: Callable[[sqlite3.Connection, State], T]
+    future: asyncio.Future[T]
+    local: bool  # a local write: the uplink is told after it commits
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A job's error, carried back from the writer thread to its caller."""
+
+    error: BaseException
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():  # never expected: each job is settled once
+        return
+    if isinstance(outcome, _Failed):
+        future.set_exception(outcome.error)
+    elif isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 # -- on the writer thread -------------------------------------------------------------------
+
+
+def _save_state(conn: sqlite3.Connection, before: State, after: State) -> int:
+    """Write the keys ``after`` changed from ``before``; returns how many."""
+    changed = [
+        (v, k)
+        for k in STATE_KEYS
+        if (v := getattr(after, k)) != getattr(before, k) and k != "last_seq"  # by a trigger
+    ]
+    if changed:
+        conn.executemany("UPDATE sync_state SET value = ? WHERE key = ?", changed)
+    return len(changed)
 
 
 def _load_row(conn: sqlite3.Connection, io: TableIO, pk: str) -> dict[str, Value] | None:

@@ -482,6 +482,10 @@ class Uplink:
     async def _next_batch(self, after: int, limit: int) -> InFlight | None:
         """The next framed batch: the one prepared while the last push travelled, if it fits."""
         ahead, self._prefetch = self._prefetch, None
+        if after >= self.store.cursors().last_seq:  # nothing written since: no outbox read
+            if ahead is not None:
+                ahead[2].cancel()
+            return None
         if ahead is not None:
             ahead_after, ahead_limit, task = ahead
             if ahead_after == after and ahead_limit <= limit and not task.cancelled():

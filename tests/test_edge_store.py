@@ -271,6 +271,59 @@ def test_cancelled_write_leaves_store_consistent(tmp_path: Path) -> None:
     run(body)
 
 
+def test_writes_queued_together_commit_together_and_a_failing_one_alone(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            await store.write("stock_levels", "first", Op.INSERT, {"on_hand": 1})
+            raw(
+                tmp_path,
+                "CREATE TRIGGER crash BEFORE INSERT ON outbox WHEN NEW.pk = 'boom' "
+                "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END",
+            )
+            pks = [f"s{i}" for i in range(40)]
+            pks.insert(20, "boom")
+            refused = pks.index("boom")
+            # All queued at once: they run as groups behind whatever the writer is doing.
+            outcomes = await asyncio.gather(
+                *(store.write("stock_levels", pk, Op.INSERT, {"on_hand": 1}) for pk in pks),
+                return_exceptions=True,
+            )
+            failed = outcomes.pop(refused)
+            assert isinstance(failed, sqlite3.Error) and "simulated failure" in str(failed)
+            assert all(not isinstance(o, BaseException) for o in outcomes)
+            seqs = [c.seq for c in outcomes if not isinstance(c, BaseException)]
+            assert seqs == list(range(2, 42))  # in order, no gap where "boom" was undone
+            rows = await store.rows("stock_levels")
+            assert set(rows) == {"first", *pks} - {"boom"}
+            logged = await store.outbox_after(0, 100)
+            assert [(c.seq, c.pk) for c in logged] == [(1, "first")] + [
+                (seq, pk) for seq, pk in zip(seqs, [p for p in pks if p != "boom"], strict=True)
+            ]
+            assert store.cursors().last_seq == 41
+        # What callers were told is what is on disk.
+        assert raw(tmp_path, "SELECT count(*), max(seq) FROM outbox") == [(41, 41)]
+
+    run(body)
+
+
+def test_close_lets_queued_writes_finish_and_refuses_new_ones(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = await open_store(tmp_path)
+        writes = [
+            asyncio.ensure_future(store.write("stock_levels", f"s{i}", Op.INSERT, {"on_hand": i}))
+            for i in range(30)
+        ]
+        await asyncio.sleep(0)  # queued, not yet done
+        await store.close()
+        assert all(w.done() and not w.exception() for w in writes)
+        with pytest.raises(EdgeError) as closed:
+            await store.write("stock_levels", "late", Op.INSERT, {"on_hand": 1})
+        assert closed.value.code is EdgeErrorCode.STORE_CLOSED
+        assert raw(tmp_path, "SELECT count(*) FROM stock_levels") == [(30,)]
+
+    run(body)
+
+
 def test_seq_and_cursors_persist_across_reopen(tmp_path: Path) -> None:
     async def body() -> None:
         async with await open_store(tmp_path) as store:
