@@ -46,51 +46,59 @@ def _children(pid: int) -> list[int]:
 
 
 class CpuMeter:
-    """Core-seconds used during a phase by the whole machine and by the benchmark's processes.
+    """Core-seconds used during a phase by the whole machine and by each of our processes.
 
-    Ours are this process, the cloud process and, when the benchmark started it, the throwaway
-    Postgres (postmaster and its children). The rest is other work on the machine, which
-    competes for the same cores and makes the figures worse than they would be on a quiet one.
+    Ours are this process (the edge: store, uplink, and the benchmark's own watcher), the
+    cloud process and, when the benchmark started it, the throwaway Postgres (postmaster and
+    its children). The rest is other work on the machine, which competes for the same cores
+    and makes the figures worse than they would be on a quiet one.
     """
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
+    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
         self._pids = pids
-        self._start = (0.0, 0.0, 0.0)
+        self._start: tuple[float, float, dict[str, float]] = (0.0, 0.0, {})
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, dict[str, float]]:
         if not _PROC.exists():  # not Linux: wall time only
-            return now(), 0.0, 0.0
-        return now(), _machine_busy_s(), sum(_process_cpu_s(pid) for pid in self._pids())
+            return now(), 0.0, {}
+        by_part = {
+            part: sum(_process_cpu_s(pid) for pid in pids) for part, pids in self._pids().items()
+        }
+        return now(), _machine_busy_s(), by_part
 
     def start(self) -> None:
         """Begin a phase."""
         self._start = self._sample()
 
     def stop(self) -> dict[str, float]:
-        """The phase's wall time and core-seconds: machine, ours, others."""
-        (t0, machine0, ours0), (t1, machine1, ours1) = self._start, self._sample()
-        machine, ours = machine1 - machine0, ours1 - ours0
+        """The phase's wall time and core-seconds: machine, ours (in all and per part), others."""
+        (t0, machine0, parts0), (t1, machine1, parts1) = self._start, self._sample()
         if not _PROC.exists():
             return {"wall_s": round(t1 - t0, 2)}
+        # A Postgres backend that exited during the phase takes its seconds with it: a part
+        # never counts below zero.
+        parts = {p: max(0.0, parts1.get(p, 0.0) - parts0.get(p, 0.0)) for p in parts1}
+        machine, ours = machine1 - machine0, sum(parts.values())
         return {
             "wall_s": round(t1 - t0, 2),
             "machine_cpu_s": round(machine, 2),
             "bench_cpu_s": round(ours, 2),
+            **{f"{part}_cpu_s": round(used, 2) for part, used in parts.items()},
             "other_cpu_s": round(max(0.0, machine - ours), 2),
         }
 
 
-def bench_pids(cloud_pid: int, pg_data: Path | None) -> Callable[[], list[int]]:
-    """The processes of the benchmark, found afresh at each call (backends come and go)."""
+def bench_pids(cloud_pid: int, pg_data: Path | None) -> Callable[[], dict[str, list[int]]]:
+    """The benchmark's processes by part, found afresh at each call (backends come and go)."""
 
-    def pids() -> list[int]:
-        found = [os.getpid(), cloud_pid]
+    def pids() -> dict[str, list[int]]:
+        found = {"edge": [os.getpid()], "cloud": [cloud_pid]}
         if pg_data is not None:
             try:
                 postmaster = int((pg_data / "postmaster.pid").read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 return found
-            found += [postmaster, *_children(postmaster)]
+            found["postgres"] = [postmaster, *_children(postmaster)]
         return found
 
     return pids

@@ -152,8 +152,8 @@ def print_table(summary: dict[str, Any]) -> None:
         rows.append(
             (
                 f"CPU during {phase}",
-                f"bench {use['bench_cpu_s']} core-s, other processes {use['other_cpu_s']}"
-                f" (of {cores:.0f} in {use['wall_s']}s)",
+                f"bench {use['bench_cpu_s']} core-s ({_parts(use)}),"
+                f" other processes {use['other_cpu_s']} (of {cores:.0f} in {use['wall_s']}s)",
                 "busy machine: figures pessimistic" if use["other_cpu_s"] > 0.1 * cores else "",
             )
         )
@@ -161,3 +161,12 @@ def print_table(summary: dict[str, Any]) -> None:
     print()
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<48} {note}".rstrip())
+
+
+def _parts(use: dict[str, float]) -> str:
+    """``edge 1.2, cloud 3.4, postgres 0.5`` from a phase's CPU figures."""
+    return ", ".join(
+        f"{key.removesuffix('_cpu_s')} {value}"
+        for key, value in use.items()
+        if key.endswith("_cpu_s") and key not in ("machine_cpu_s", "bench_cpu_s", "other_cpu_s")
+    )
