@@ -1,8 +1,8 @@
 """The edge's aiohttp application: sync status and the local conflicts mirror.
 
-``create_app(config)`` builds the app; the store and the uplink are long-lived resources
-owned by ``cleanup_ctx`` (opened at start-up in that order, closed in reverse), so the
-uplink always stops before the store closes.
+``create_app(config)`` builds the app; the store, the uplink and the mDNS announcement are
+long-lived resources owned by ``cleanup_ctx`` (opened at start-up in that order, closed in
+reverse), so the uplink always stops before the store closes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sync_protocol.schema import Registry
 
 from .config import EdgeConfig
 from .errors import EdgeError
+from .mdns import mdns_ctx
 from .state import StoreStatus
 from .store import EdgeStore, wall_clock_ms
 from .uplink import Uplink, UplinkStatus
@@ -152,4 +153,6 @@ def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Appl
     # Order matters: the store opens before the uplink and closes after it.
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_uplink_ctx)
+    # Announced last (tablets may connect once they see it), so withdrawn first on shutdown.
+    app.cleanup_ctx.append(mdns_ctx(config))
     return app

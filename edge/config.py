@@ -78,6 +78,40 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MdnsSettings:
+    """How the edge announces itself on the LAN (mDNS / DNS-SD), so tablets find it."""
+
+    enabled: bool = field(
+        default=True,
+        metadata={"doc": "Advertise this edge by mDNS (service _fynlo._tcp) so tablets find it."},
+    )
+    name: str = field(
+        default="",
+        metadata={"doc": "Name tablets show for this edge; empty uses 'Fynlo <site_id>'."},
+    )
+    interfaces: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Interface names (e.g. 'eth0') or IPv4 addresses to announce on; empty: "
+            "every non-loopback interface, or only `host` when that is one address."
+        },
+    )
+    refresh_s: float = field(
+        default=30.0,
+        metadata={
+            "doc": "Seconds between re-reads of the machine's addresses; a change is "
+            "re-announced (0.1-3600)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.refresh_s <= 3600:
+            raise ValueError("mdns.refresh_s must be between 0.1 and 3600")
+        if any(not entry.strip() for entry in self.interfaces):
+            raise ValueError("mdns.interfaces must not hold empty names")
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     """Everything the edge server reads at start-up."""
 
@@ -112,6 +146,9 @@ class EdgeConfig:
     )
     cloud: CloudSettings = field(default_factory=CloudSettings, metadata={"doc": "The cloud."})
     sync: SyncSettings = field(default_factory=SyncSettings, metadata={"doc": "The uplink."})
+    mdns: MdnsSettings = field(
+        default_factory=MdnsSettings, metadata={"doc": "Discovery on the LAN."}
+    )
 
     def __post_init__(self) -> None:
         parse_strategies(self.strategies)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from edge.app import create_app as create_edge_app
 from edge.config import (
     CloudSettings,
     EdgeConfig,
+    MdnsSettings,
     SyncSettings,
     load_edge_config,
     parse_strategies,
@@ -189,7 +191,8 @@ async def _until(condition: Any, timeout_s: float = 10.0) -> None:
 @asynccontextmanager
 async def running_edge(config: EdgeConfig) -> AsyncIterator[tuple[web.Application, str]]:
     """Serve the edge app on 127.0.0.1 (any port); yields the app and its base URL."""
-    app = create_edge_app(config)
+    # Not announced by mDNS: these tests are about sync (tests/test_mdns.py covers that).
+    app = create_edge_app(dataclasses.replace(config, mdns=MdnsSettings(enabled=False)))
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

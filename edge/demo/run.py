@@ -189,14 +189,16 @@ class Demo:
                 edge_config,
                 db_path=str(self.workdir / "edge.sqlite"),
                 host=HOST,
+                port=free_port(edge_config.port),  # known before mDNS announces it
                 site_id=SITE_ID,
                 node_id="",
                 cloud=CloudSettings(url=self.cloud.url, token=device["token"]),
+                mdns=dataclasses.replace(edge_config.mdns, name="Demo Bistro", interfaces=()),
             )
             runner = web.AppRunner(create_app(config), access_log=None)
-            await runner.setup()  # opens the store, then starts the uplink
+            await runner.setup()  # opens the store, starts the uplink, announces the edge
             try:
-                port = free_port(config.port)
+                port = config.port
                 try:
                     await web.TCPSite(runner, HOST, port).start()
                 except OSError as exc:
