@@ -235,7 +235,7 @@ async def pull(request: web.Request) -> web.Response:
         raise CloudError(CloudCode.BAD_REQUEST, "holds must be a non-negative integer")
     wait = min(_float_param(request, "wait", 0.0), settings.long_poll_max_s)
     if wait > 0:
-        await store.wait_for_feed(site_id, cursor, wait)
+        await store.wait_for_feed(site_id, cursor, wait, node_id)
     return _sync_response(await store.pull(site_id, node_id, cursor, limit, holds))
 
 

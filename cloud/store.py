@@ -39,6 +39,11 @@ from .schema import migrate
 CLOUD_ORIGIN = "cloud"
 #: no push batch spans more revisions than this (decode limits are far below it)
 MAX_BATCH_REVS = 1_000_000
+#: how long a device credential, once checked, is trusted without asking Postgres again
+#: (a revocation through this process applies at once; through another, within this time)
+CREDENTIAL_TTL_S = 5.0
+#: how long a held pull may wait on after the feed moved by the puller's own changes only
+ECHO_HOLD_S = 0.5
 _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _DUMMY_HASH = hashlib.sha256(b"no such device").digest()
 _TEXT_ERRORS = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
@@ -119,6 +124,8 @@ class CloudStore:
         self.listener = listener
         self.io: dict[str, TableIO] = {spec.name: TableIO(spec) for spec in registry}
         self._releasing = False
+        # node_id -> (site_id, secret hash, revoked, monotonic time checked)
+        self._credentials: dict[str, tuple[str, bytes, bool, float]] = {}
 
     @classmethod
     async def open(
@@ -206,21 +213,31 @@ class CloudStore:
             site_id,
             node_id,
         )
+        self._credentials.pop(node_id, None)
         return bool(done.endswith(" 1"))
 
     async def authenticate(self, token: str) -> tuple[str, str]:
         """The (site_id, node_id) of a device token, or UNAUTHORIZED."""
         node_id, _, secret = token.partition(".")
-        row = None
-        if node_id and secret:
-            row = await self.pool.fetchrow(
-                "SELECT site_id, secret_hash, revoked FROM devices WHERE node_id = $1", node_id
-            )
-        stored = bytes(row["secret_hash"]) if row is not None else _DUMMY_HASH
+        now = time.monotonic()
+        known = self._credentials.get(node_id)
+        if known is None or now - known[3] > CREDENTIAL_TTL_S:
+            row = None
+            if node_id and secret:
+                row = await self.pool.fetchrow(
+                    "SELECT site_id, secret_hash, revoked FROM devices WHERE node_id = $1",
+                    node_id,
+                )
+            if row is None:
+                known = None
+            else:
+                known = (str(row["site_id"]), bytes(row["secret_hash"]), row["revoked"], now)
+                self._credentials[node_id] = known
+        stored = known[1] if known is not None else _DUMMY_HASH
         matches = hmac.compare_digest(_secret_hash(secret), stored)
-        if row is None or not matches or row["revoked"]:
+        if known is None or not matches or known[2]:
             raise RemoteProtocolError(ErrorCode.UNAUTHORIZED, "unknown or revoked credential")
-        return str(row["site_id"]), node_id
+        return known[0], node_id
 
     async def head(self, site_id: str) -> int:
         """The site's feed head (highest rev allocated)."""
@@ -467,16 +484,31 @@ class CloudStore:
                     raise
                 rows, more = rows[: len(rows) // 2], True
 
-    async def wait_for_feed(self, site_id: str, after_rev: int, wait_s: float) -> int:
-        """Wait until the site's head passes ``after_rev`` or ``wait_s`` pass; returns the head."""
+    async def wait_for_feed(
+        self, site_id: str, after_rev: int, wait_s: float, node_id: str | None = None
+    ) -> int:
+        """Wait until the site's head passes ``after_rev`` or ``wait_s`` pass; returns the head.
+
+        For a device (``node_id``), news that is only its own changes coming back is held
+        up to ``ECHO_HOLD_S`` more, so that an edge busy writing gets one answer per burst
+        rather than one per push; anything else (another writer's change) answers at once.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        seen = after_rev
         while True:
             listener = self.listener
             fut = listener.future(site_id) if listener is not None else None
             head = await self.head(site_id)
-            if head != after_rev or self._releasing:  # moved on, or a bad cursor, or closing
+            if self._releasing:
                 return head
+            if head != seen:
+                if head < seen or node_id is None:  # a bad cursor, or an owner's read
+                    return head
+                if not await self._only_echoes(site_id, node_id, seen, head):
+                    return head
+                deadline = min(deadline, loop.time() + ECHO_HOLD_S)
+                seen = head
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return head
@@ -487,6 +519,18 @@ class CloudStore:
                 await asyncio.wait_for(asyncio.shield(fut), remaining)
             except TimeoutError:
                 pass
+
+    async def _only_echoes(self, site_id: str, node_id: str, after: int, upto: int) -> bool:
+        """Whether every feed entry in ``(after, upto]`` echoes a change of ``node_id``."""
+        found = await self.pool.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM feed WHERE site_id = $1 AND rev > $2"
+            " AND rev <= $3 AND echo_of IS DISTINCT FROM $4)",
+            site_id,
+            after,
+            upto,
+            node_id,
+        )
+        return bool(found)
 
     # -- conflicts --------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from cloud.errors import CloudCode, CloudError
 from cloud.rows import pack_entry
 from cloud.schema import MIGRATIONS
-from cloud.store import CloudStore, IngestOrder
+from cloud.store import ECHO_HOLD_S, CloudStore, IngestOrder
 from shared.registry import TABLES, default_registry
 from sync_protocol import checksum, wire
 from sync_protocol.changes import Change, FeedEntry, Op, RowState, Value, Version
@@ -644,6 +644,34 @@ def test_wait_for_feed_wakes_when_another_writer_commits(pg_database: str) -> No
             assert await waiter == 1
             assert loop.time() - started < 2
         assert await store.wait_for_feed(site, 0, 20) == 1  # already past: no wait
+
+    run(pg_database, body)
+
+
+def test_a_held_pull_answers_its_own_echoes_late_and_other_news_at_once(
+    pg_database: str,
+) -> None:
+    async def body(store: CloudStore) -> None:
+        site, node = await new_site(store)
+        other, _ = await store.register_device(site, "till-2")
+        loop = asyncio.get_running_loop()
+        # Only the puller's own change came back: the answer waits ECHO_HOLD_S, not 20 s.
+        waiter = asyncio.create_task(store.wait_for_feed(site, 0, 20, node))
+        await asyncio.sleep(0)
+        await push(store, site, node, [line(node, 1, "l1")])
+        started = loop.time()
+        with pytest.raises(TimeoutError):  # held, although the head moved
+            await asyncio.wait_for(asyncio.shield(waiter), ECHO_HOLD_S / 4)
+        assert await waiter == 1
+        assert ECHO_HOLD_S / 4 <= loop.time() - started < 5
+        # Another device's change during the hold is news: answered at once.
+        waiter = asyncio.create_task(store.wait_for_feed(site, 1, 20, node))
+        await asyncio.sleep(0)
+        await push(store, site, node, [line(node, 2, "l2")])
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await push(store, site, other, [line(other, 1, "l3")])
+        assert await asyncio.wait_for(waiter, ECHO_HOLD_S * 4) == 3
 
     run(pg_database, body)
 
