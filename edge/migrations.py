@@ -18,7 +18,8 @@ then on contains them; ``outbox.rev`` is the feed revision at which the cloud ap
 (from the ack's ``segments``), NULL until known; ``outbox.written_ms`` is this node's wall
 clock when it logged the change (for the status's oldest-unsynced age). ``ack_marks`` keeps
 ``(seq_through, head)`` of each ack; ``conflicts`` mirrors the cloud's open parked conflicts
-of the site.
+of the site. ``events`` holds the live events published to tablets and screens
+(``edge.tx``), each with its ``seq``, topic, JSON data and wall time.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ STATE_DEFAULTS: dict[str, int] = {
 }
 
 #: names the edge uses for its own tables; a synced table may not take them
-RESERVED = frozenset({"schema_migrations", "sync_state", "outbox", "ack_marks", "conflicts"})
+RESERVED = frozenset(
+    {"schema_migrations", "sync_state", "outbox", "ack_marks", "conflicts", "events"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +114,24 @@ def _outbox_written_ms(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE outbox ADD COLUMN written_ms INTEGER")
 
 
+def _events(conn: sqlite3.Connection) -> None:
+    # Live events for tablets and kitchen screens, numbered in commit order; a client that
+    # reconnects asks for those after the last seq it saw. AUTOINCREMENT: a seq is never
+    # reused, even after the newest events are pruned.
+    conn.execute(
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            data TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        )"""
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sync core tables", _core_tables),
     Migration(2, "outbox: local wall time of each change", _outbox_written_ms),
+    Migration(3, "live events", _events),
 )
 
 

@@ -36,11 +36,12 @@ outbox, with ack marks no longer needed.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,8 +54,8 @@ from sync_protocol.changes import Change, Op, RowState, Value, Values
 from sync_protocol.checksum import Checksum, table_checksum
 from sync_protocol.errors import ErrorCode, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
-from sync_protocol.merge import apply_local, rebase, validate_change
-from sync_protocol.schema import Author, Registry
+from sync_protocol.merge import rebase
+from sync_protocol.schema import Registry
 from sync_protocol.wire import PackedChange, PullPage, PushAck
 
 from .errors import EdgeError, EdgeErrorCode
@@ -69,7 +70,8 @@ from .state import (
     store_status,
 )
 from .state import status_from_file as status_from_file
-from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, pack, prepare_write
+from .tables import OUTBOX_COLUMNS, TableIO, change_from_row, prepare_write
+from .tx import Event, Tx
 
 T = TypeVar("T")
 
@@ -115,6 +117,8 @@ class EdgeStore:
         self._reader = reader
         self._state = state
         self._tables = {spec.name: TableIO(spec) for spec in registry}
+        self._live: frozenset[str] = frozenset()
+        self._subscribers: list[Callable[[list[Event]], None]] = []
         self._pending: list[_Job[Any]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
@@ -131,8 +135,13 @@ class EdgeStore:
         *,
         now_ms: Callable[[], int] = wall_clock_ms,
         synchronous: Synchronous = "FULL",
+        live_tables: Iterable[str] = (),
     ) -> EdgeStore:
-        """Migrate the file at ``path`` and open it for ``node_id`` of ``site_id``."""
+        """Migrate the file at ``path`` and open it for ``node_id`` of ``site_id``.
+
+        Every change to a row of ``live_tables`` (written here or pulled from the cloud)
+        is also published as a ``row`` event (see ``subscribe``).
+        """
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous}")
         path = Path(path)
@@ -171,7 +180,9 @@ class EdgeStore:
             raise
         clock = HybridClock(now_ms)
         clock.last = max(clock.last, max_hlc)
-        return cls(path, registry, site_id, node_id, writer, executor, reader, state, clock)
+        store = cls(path, registry, site_id, node_id, writer, executor, reader, state, clock)
+        store._live = frozenset(live_tables) & set(store._tables)
+        return store
 
     async def close(self) -> None:
         """Wait for the transaction in progress, then close both connections."""
@@ -228,11 +239,18 @@ class EdgeStore:
                         raise
                     continue
                 wrote = False
+                events: list[Event] = []
                 for job, outcome in zip(jobs, outcomes, strict=True):
+                    if isinstance(outcome, _TxDone):
+                        events += outcome.events
+                        wrote = wrote or outcome.wrote
+                        outcome = outcome.value
                     _settle(job.future, outcome)
                     wrote = wrote or (job.local and not isinstance(outcome, _Failed))
                 if wrote:  # even if the caller was cancelled meanwhile, the uplink must know
                     self.changed.set()
+                if events:
+                    self._publish(events)
         finally:
             self._drainer = None
 
@@ -281,73 +299,67 @@ class EdgeStore:
 
     async def write_many(self, writes: Sequence[Write]) -> list[Change]:
         """Write several rows atomically (all or nothing); returns their changes in order."""
-        prepared = [
-            prepare_write(self._io(table), pk, op, fields) for table, pk, op, fields in writes
-        ]
-        if not prepared:
+        for table, pk, op, fields in writes:  # refuse a malformed write before queueing
+            prepare_write(self._io(table), pk, op, fields)
+        if not writes:
             return []
+        return await self.transaction(
+            lambda tx: [tx.write(table, pk, op, fields) for table, pk, op, fields in writes]
+        )
 
-        def body(conn: sqlite3.Connection, st: State) -> list[Change]:
-            return self._write_rows(conn, st, prepared)
+    async def transaction(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one write transaction on the writer thread; returns what it returns.
 
-        return await self._transact(body, local=True)
+        ``fn`` is plain (not async) domain code: see ``edge.tx``. If it raises, nothing it
+        did is kept and the error reaches the caller.
+        """
 
-    def _write_rows(
-        self,
-        conn: sqlite3.Connection,
-        st: State,
-        writes: list[tuple[TableIO, str, Op, dict[str, Value]]],
-    ) -> list[Change]:
-        seen: dict[tuple[str, str], dict[str, Value] | None] = {}
-        changes: list[Change] = []
-        written_ms = self.clock.now_ms()
-        for io, pk, op, fields in writes:
-            with self._clock_lock:
-                hlc = self.clock.now()
-            key = (io.spec.name, pk)
-            current = seen[key] if key in seen else _load_row(conn, io, pk)
-            old: dict[str, Value] | None = None
-            if current is not None and op is Op.UPDATE:
-                old = {name: current.get(name) for name in fields}
-            elif current is not None and op is Op.DELETE:
-                old = dict(current)
-            change = Change(
-                self.node_id,
-                st.last_seq + 1,
-                io.spec.name,
-                pk,
-                op,
-                fields,
-                st.pull_cursor,
-                hlc,
-                old,
-            )
-            validate_change(io.spec, change, Author.EDGE)
-            if op is Op.DELETE:
-                conn.execute(io.delete, (pk,))
-                seen[key] = None
-            else:
-                values = apply_local(io.spec, current, op, fields)
-                conn.execute(io.upsert, io.params(pk, values))
-                seen[key] = values
-            conn.execute(
-                f"INSERT INTO outbox ({OUTBOX_COLUMNS}, written_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    change.seq,
-                    change.table,
-                    pk,
-                    int(op),
-                    pack(fields),
-                    change.base,
-                    change.hlc,
-                    pack(old),
-                    written_ms,
-                ),
-            )
-            st.last_seq = change.seq
-            changes.append(change)
-        return changes
+        def body(conn: sqlite3.Connection, st: State) -> _TxDone[T]:
+            tx = Tx(conn, st, self.node_id, self._tables, self.clock, self._clock_lock)
+            value = fn(tx)
+            if self._live:
+                touched = dict.fromkeys((c.table, c.pk) for c in tx.changes)
+                for table, pk in touched:
+                    if table in self._live:
+                        tx.emit("row", _row_event(table, pk, tx.get(table, pk)))
+            return _TxDone(value, tx.events, bool(tx.changes))
+
+        return await self._transact(body)  # type: ignore[arg-type]
+
+    # -- live events -----------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[list[Event]], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the event loop) with each group of newly committed events.
+
+        Returns the function that unsubscribes. Events come in ``seq`` order; a callback
+        must not block (hand the events on to a queue).
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _publish(self, events: list[Event]) -> None:
+        events.sort(key=lambda e: e.seq)
+        for callback in list(self._subscribers):
+            callback(events)
+
+    async def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
+        """Committed events after ``seq`` (oldest first), for a subscriber catching up."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT seq, topic, data, at_ms FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [Event(*row) for row in rows]
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """The lowest and highest event seq kept ((0, 0) when none; older ones were pruned)."""
+        rows = list(await self._reader.execute_fetchall("SELECT min(seq), max(seq) FROM events"))
+        low, high = rows[0] if rows else (None, None)
+        return int(low or 0), int(high or 0)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -503,7 +515,7 @@ class EdgeStore:
         if page.next < page.cursor:
             raise RemoteProtocolError(ErrorCode.INVALID_CURSOR, "the page goes backwards")
 
-        def body(conn: sqlite3.Connection, st: State) -> int:
+        def body(conn: sqlite3.Connection, st: State) -> _TxDone[int]:
             if page.cursor != st.pull_cursor:
                 raise RemoteProtocolError(
                     ErrorCode.INVALID_CURSOR,
@@ -528,14 +540,15 @@ class EdgeStore:
                 conn.executemany(io.delete, keys)
             for io, rows in upserts.items():
                 conn.executemany(io.upsert, rows)
+            events = _emit_rows(conn, self._live, upserts, deletes, self.clock.now_ms())
             st.pull_cursor = page.next
             st.cloud_head = max(page.head, page.next)
             st.cloud_conflicts = page.conflicts
             st.last_pull_ok_ms = self.clock.now_ms()
             _reflect(conn, st)
-            return len(latest)
+            return _TxDone(len(latest), events, False)
 
-        return await self._transact(body)
+        return await self._transact(body)  # type: ignore[arg-type]
 
     def _logged(
         self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State
@@ -607,6 +620,15 @@ class _Job(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
+class _TxDone(Generic[T]):
+    """What a transaction returns and the events it emitted (published after the commit)."""
+
+    value: T
+    events: list[Event]
+    wrote: bool  # it logged local changes: the uplink is told
+
+
+@dataclass(frozen=True, slots=True)
 class _Failed:
     """A job's error, carried back from the writer thread to its caller."""
 
@@ -625,6 +647,41 @@ def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
 
 
 # -- on the writer thread -------------------------------------------------------------------
+
+
+def _row_event(table: str, pk: str, values: Mapping[str, Value] | None) -> dict[str, Any]:
+    """A ``row`` event's data: the row as it now is (``row`` None when it was deleted)."""
+    return {"table": table, "id": pk, "row": None if values is None else dict(values)}
+
+
+def _emit_rows(
+    conn: sqlite3.Connection,
+    live: frozenset[str],
+    upserts: Mapping[TableIO, list[tuple[Value, ...]]],
+    deletes: Mapping[TableIO, list[tuple[str]]],
+    now_ms: int,
+) -> list[Event]:
+    """Log a ``row`` event for each pulled row of a live table; returns them."""
+    data = [
+        _row_event(io.spec.name, str(p[0]), dict(zip(io.names, p[1:], strict=True)))
+        for io, rows in upserts.items()
+        if io.spec.name in live
+        for p in rows
+    ]
+    data += [
+        _row_event(io.spec.name, key[0], None)
+        for io, keys in deletes.items()
+        if io.spec.name in live
+        for key in keys
+    ]
+    out = []
+    for item in data:
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+        cur = conn.execute(
+            "INSERT INTO events (topic, data, at_ms) VALUES ('row', ?, ?)", (text, now_ms)
+        )
+        out.append(Event(int(cur.lastrowid or 0), "row", text, now_ms))
+    return out
 
 
 def _save_state(conn: sqlite3.Connection, before: State, after: State) -> int:

@@ -1,0 +1,170 @@
+"""Domain transactions on the edge store (``EdgeStore.transaction``) and its live events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from edge.store import EdgeStore
+from edge.tx import Event, Tx
+from shared.registry import default_registry
+from sync_protocol.changes import FeedEntry, Op, RowState, Version
+from sync_protocol.errors import ErrorCode, SyncError
+from sync_protocol.hlc import pack
+from sync_protocol.wire import PullPage
+
+T = TypeVar("T")
+T0 = 1_700_000_000_000
+LIVE = ("orders", "menu_items")
+
+
+def run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    return asyncio.run(fn(*args))
+
+
+async def open_store(path: Path) -> EdgeStore:
+    return await EdgeStore.open(
+        path / "edge.sqlite", default_registry(), "site-1", "edge-1", live_tables=LIVE
+    )
+
+
+def raw(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path / "edge.sqlite")
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+class Collector:
+    """A subscriber that keeps every published event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, events: list[Event]) -> None:
+        self.events.extend(events)
+
+
+def test_a_transaction_reads_its_own_writes_and_commits_all_of_it(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            await store.transaction(
+                lambda tx: tx.execute("CREATE TABLE IF NOT EXISTS notes (id TEXT, body TEXT)")
+            )
+
+            def open_order(tx: Tx) -> int:
+                tx.write("orders", "o1", Op.INSERT, {"table_name": "T4", "covers": 2})
+                tx.write("orders", "o1", Op.UPDATE, {"covers": 3})
+                seen = tx.get("orders", "o1")
+                assert seen is not None and seen["covers"] == 3
+                tx.execute("INSERT INTO notes VALUES (?, ?)", ("o1", "birthday"))
+                tx.emit("custom", {"order": "o1"})
+                return len(tx.query("SELECT * FROM notes"))
+
+            assert await store.transaction(open_order) == 1
+            assert (await store.get("orders", "o1") or {})["covers"] == 3
+            assert [c.seq for c in await store.outbox_after(0, 10)] == [1, 2]
+            assert store.changed.is_set()  # the uplink hears of it
+
+    run(body)
+
+
+def test_a_failing_transaction_keeps_nothing_and_publishes_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            seen = Collector()
+            store.subscribe(seen)
+
+            def half_done(tx: Tx) -> None:
+                tx.write("orders", "o1", Op.INSERT, {"table_name": "T1"})
+                tx.emit("custom", {"n": 1})
+                tx.write("orders", "o2", Op.INSERT, {"status": "eaten"})  # refused
+
+            with pytest.raises(SyncError) as refused:
+                await store.transaction(half_done)
+            assert refused.value.code is ErrorCode.INVALID_CHANGE
+            assert await store.rows("orders") == {}
+            assert await store.outbox_after(0, 10) == []
+            assert seen.events == [] and await store.events_after(0) == []
+            assert store.cursors().last_seq == 0
+
+    run(body)
+
+
+def test_events_are_published_after_commit_in_order_and_can_be_read_back(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            seen = Collector()
+            unsubscribe = store.subscribe(seen)
+            published_at_commit: list[bool] = []
+
+            def check(events: list[Event]) -> None:
+                # Published only once committed: another connection already sees them.
+                count = raw(tmp_path, "SELECT count(*) FROM events")[0][0]
+                published_at_commit.append(count >= events[-1].seq)
+
+            store.subscribe(check)
+            await asyncio.gather(
+                *(store.transaction(lambda tx, i=i: tx.emit("tick", {"i": i})) for i in range(20))
+            )
+            assert [json.loads(e.data)["i"] for e in seen.events] == list(range(20))
+            assert [e.seq for e in seen.events] == sorted(e.seq for e in seen.events)
+            assert all(published_at_commit)
+            assert await store.events_after(0) == seen.events
+            assert await store.events_after(seen.events[9].seq) == seen.events[10:]
+            assert await store.event_bounds() == (seen.events[0].seq, seen.events[-1].seq)
+            unsubscribe()
+            await store.transaction(lambda tx: tx.emit("tick", {"i": 20}))
+            assert len(seen.events) == 20
+
+    run(body)
+
+
+def test_live_tables_publish_row_events_from_tablets_and_from_the_cloud(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            seen = Collector()
+            store.subscribe(seen)
+            await store.write("orders", "o1", Op.INSERT, {"table_name": "T1"})
+            await store.write("stock_levels", "s1", Op.INSERT, {"on_hand": 1})  # not live
+            # The cloud 86s an item and deletes another.
+            state = RowState(
+                "m1",
+                {"name": "Soup", "price_pence": 450, "available": False},
+                Version(1, pack(T0), "cloud"),
+                {},
+                False,
+            )
+            gone = RowState("m2", {}, Version(2, pack(T0), "cloud"), {}, True)
+            await store.apply_page(
+                PullPage(
+                    0,
+                    2,
+                    2,
+                    False,
+                    0,
+                    T0,
+                    pack(T0),
+                    [FeedEntry(1, "menu_items", state), FeedEntry(2, "menu_items", gone)],
+                    (),
+                )
+            )
+            data = [json.loads(e.data) for e in seen.events]
+            assert [e.topic for e in seen.events] == ["row", "row", "row"]
+            assert [(d["table"], d["id"]) for d in data] == [
+                ("orders", "o1"),
+                ("menu_items", "m1"),
+                ("menu_items", "m2"),
+            ]
+            assert data[0]["row"]["table_name"] == "T1"
+            assert data[1]["row"]["available"] in (False, 0)
+            assert data[2]["row"] is None
+
+    run(body)
