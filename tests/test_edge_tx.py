@@ -42,6 +42,10 @@ def raw(path: Path, sql: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def _ticker(i: int) -> Callable[[Tx], None]:
+    return lambda tx: tx.emit("tick", {"i": i})
+
+
 class Collector:
     """A subscriber that keeps every published event."""
 
@@ -111,9 +115,7 @@ def test_events_are_published_after_commit_in_order_and_can_be_read_back(tmp_pat
                 published_at_commit.append(count >= events[-1].seq)
 
             store.subscribe(check)
-            await asyncio.gather(
-                *(store.transaction(lambda tx, i=i: tx.emit("tick", {"i": i})) for i in range(20))
-            )
+            await asyncio.gather(*(store.transaction(_ticker(i)) for i in range(20)))
             assert [json.loads(e.data)["i"] for e in seen.events] == list(range(20))
             assert [e.seq for e in seen.events] == sorted(e.seq for e in seen.events)
             assert all(published_at_commit)
