@@ -49,10 +49,39 @@ MENU_ITEMS = TableSpec(
         Column("currency", TEXT, default="GBP"),
         Column("station", TEXT, default="kitchen", doc="where its tickets go"),
         Column("available", BOOL, default=True, doc="false when the item is 86'd"),
+        Column("modifier_group_ids", TEXT, doc="JSON list of the modifier groups offered"),
+        Column("position", INT, default=0, doc="sort order within its category"),
     ),
     author=Author.BOTH,
     strategy=Strategy.SMART_MERGE,
     doc="What can be sold, at what price, and where it is prepared.",
+)
+
+MODIFIER_GROUPS = TableSpec(
+    "modifier_groups",
+    (
+        Column("name", TEXT, doc="e.g. 'Cooking', 'Sides'"),
+        Column("min_choices", INT, default=0, doc="choices a line must make (0: optional)"),
+        Column("max_choices", INT, default=1, doc="choices a line may make at most"),
+        Column("position", INT, default=0),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="A choice offered with menu items (e.g. how a steak is cooked).",
+)
+
+MODIFIERS = TableSpec(
+    "modifiers",
+    (
+        Column("group_id", TEXT),
+        Column("name", TEXT),
+        Column("price_pence", INT, default=0, doc="added to the line's unit price"),
+        Column("available", BOOL, default=True),
+        Column("position", INT, default=0),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="One option of a modifier group.",
 )
 
 ORDERS = TableSpec(
@@ -65,6 +94,8 @@ ORDERS = TableSpec(
         Column("table_name", TEXT),
         Column("covers", INT),
         Column("server_id", TEXT),
+        Column("opened_by", TEXT, Merge.IMMUTABLE, doc="employee who opened it"),
+        Column("closed_at_ms", INT),
         Column("notes", TEXT),
         Column("status", TEXT, Merge.FORWARD, ranks=ORDER_STATUS_RANKS, default="open"),
     ),
@@ -87,9 +118,13 @@ ORDER_LINES = TableSpec(
         Column("seat", INT, Merge.IMMUTABLE),
         Column("added_by", TEXT, Merge.IMMUTABLE),
         Column("added_at_ms", INT, Merge.IMMUTABLE),
+        Column("moved_from", TEXT, Merge.IMMUTABLE, doc="the line it replaces, when moved"),
+        Column("fired", BOOL, Merge.STICKY, default=False, doc="sent to the kitchen"),
+        Column("ticket_id", TEXT, doc="the kitchen ticket it went out on"),
         Column("voided", BOOL, Merge.STICKY, default=False),
         Column("void_reason", TEXT),
         Column("voided_by", TEXT),
+        Column("void_approved_by", TEXT, doc="manager who approved a void after send"),
     ),
     author=Author.EDGE,
     strategy=Strategy.SMART_MERGE,
@@ -109,7 +144,80 @@ STOCK_LEVELS = TableSpec(
     doc="Stock per menu item (the row id is the item id).",
 )
 
-TABLES: tuple[TableSpec, ...] = (MENU_CATEGORIES, MENU_ITEMS, ORDERS, ORDER_LINES, STOCK_LEVELS)
+TICKETS = TableSpec(
+    "tickets",
+    (
+        Column("order_id", TEXT, Merge.IMMUTABLE),
+        Column("check_number", INT, Merge.IMMUTABLE),
+        Column("table_name", TEXT, Merge.IMMUTABLE),
+        Column("station", TEXT, Merge.IMMUTABLE, doc="kitchen, bar, ..."),
+        Column("course", INT, Merge.IMMUTABLE),
+        Column("items", TEXT, Merge.IMMUTABLE, doc="JSON list of the lines as fired"),
+        Column("fired_at_ms", INT, Merge.IMMUTABLE),
+        Column("fired_by", TEXT, Merge.IMMUTABLE),
+        Column("bumped", BOOL, default=False, doc="done; a recall sets it back"),
+        Column("bumped_at_ms", INT),
+    ),
+    author=Author.EDGE,
+    strategy=Strategy.SMART_MERGE,
+    doc="Kitchen tickets: the lines of one course for one station, as fired.",
+)
+
+ROLES = TableSpec(
+    "roles",
+    (
+        Column("name", TEXT),
+        Column("permissions", TEXT, doc="JSON list of permission names"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="Roles and what they may do (the row id is the role's key, e.g. 'server').",
+)
+
+EMPLOYEES = TableSpec(
+    "employees",
+    (
+        Column("name", TEXT),
+        Column("role_id", TEXT),
+        Column("pin_hash", TEXT, doc="argon2id hash of the PIN; the PIN itself is never kept"),
+        Column("active", BOOL, default=True),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.SMART_MERGE,
+    doc="People who log in on the tablets with their PIN.",
+)
+
+AUDIT_LOG = TableSpec(
+    "audit_log",
+    (
+        Column("position", INT, Merge.IMMUTABLE, doc="1, 2, ... in this edge's chain"),
+        Column("at_ms", INT, Merge.IMMUTABLE),
+        Column("employee_id", TEXT, Merge.IMMUTABLE),
+        Column("device_id", TEXT, Merge.IMMUTABLE),
+        Column("action", TEXT, Merge.IMMUTABLE, doc="the API operation, e.g. 'void_line'"),
+        Column("detail", TEXT, Merge.IMMUTABLE, doc="JSON: what changed, before and after"),
+        Column("prev_hash", TEXT, Merge.IMMUTABLE),
+        Column("hash", TEXT, Merge.IMMUTABLE, doc="sha256 over prev_hash and this entry"),
+    ),
+    author=Author.EDGE,
+    strategy=Strategy.SMART_MERGE,
+    add_only=True,
+    doc="Who did what on which device, before and after: a hash chain, add-only.",
+)
+
+TABLES: tuple[TableSpec, ...] = (
+    MENU_CATEGORIES,
+    MENU_ITEMS,
+    MODIFIER_GROUPS,
+    MODIFIERS,
+    ORDERS,
+    ORDER_LINES,
+    STOCK_LEVELS,
+    TICKETS,
+    ROLES,
+    EMPLOYEES,
+    AUDIT_LOG,
+)
 
 
 def default_registry() -> Registry:

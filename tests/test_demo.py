@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cloud.pgtemp import PostgresNotFound, find_binaries
+from shared.registry import TABLES
 
 #: a status line: "t=  3s  offline  outbox   12 (oldest  0.9s)  acked 36/48  …"
 STATUS = re.compile(r"^t=\s*(\d+)s\s+(online|offline)\s+outbox\s+(\d+) .*?acked (\d+)/(\d+)", re.M)
@@ -72,13 +73,7 @@ def test_demo_keeps_selling_through_an_outage_and_converges(tmp_path: Path) -> N
     assert "link DOWN" in out and "link UP" in out, context
     assert re.search(r"edge: .* here, \d+ ms after the edit", out), context  # a price flowed down
     sums = re.findall(r"^ {4}(\w+) +(\d+) rows +(equal|NOT EQUAL)$", out, re.M)
-    assert {table for table, _, _ in sums} == {
-        "menu_categories",
-        "menu_items",
-        "orders",
-        "order_lines",
-        "stock_levels",
-    }, context
+    assert {table for table, _, _ in sums} == {spec.name for spec in TABLES}, context
     assert all(verdict == "equal" for _, _, verdict in sums), context
     assert dict((t, int(n)) for t, n, _ in sums)["orders"] > 0, context
     assert "result: edge and cloud hold the same rows" in out, context
