@@ -17,11 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from shared.registry import default_registry
-from sync_protocol.errors import SyncError
 from sync_protocol.schema import Registry
 
+from .api import LIVE_TABLES, error_middleware, setup_api
+from .api.routing import MAX_BODY, ApiRoutes, Auth, Ctx
 from .config import EdgeConfig
-from .errors import EdgeError
 from .mdns import mdns_ctx
 from .state import StoreStatus
 from .store import EdgeStore, wall_clock_ms
@@ -32,7 +32,7 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 STORE_KEY = web.AppKey("store", EdgeStore)
 UPLINK_KEY = web.AppKey("uplink", Uplink)
 
-routes = web.RouteTableDef()
+sync_routes = ApiRoutes("sync")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,30 +86,32 @@ def status_body(store: StoreStatus, uplink: UplinkStatus | None) -> dict[str, An
     }  # fmt: skip
 
 
-@routes.get("/v1/sync/status")
-async def sync_status(request: web.Request) -> web.Response:
+@sync_routes.route(
+    "GET",
+    "/v1/sync/status",
+    summary="Sync health: link, outbox depth and age, conflicts, clock skew, catch-up",
+    response=dict[str, Any],
+    auth=Auth.PUBLIC,
+)
+async def sync_status(ctx: Ctx) -> dict[str, Any]:
     """Sync health: outbox depth and age, link state, conflicts, skew, catch-up progress."""
-    app = request.app
+    app = ctx.request.app
     store_status = await app[STORE_KEY].status(wall_clock_ms())
     uplink = app.get(UPLINK_KEY)
-    body = status_body(store_status, uplink.status() if uplink is not None else None)
-    return web.json_response(body, dumps=_dumps)
+    return status_body(store_status, uplink.status() if uplink is not None else None)
 
 
-@routes.get("/v1/sync/conflicts")
-async def sync_conflicts(request: web.Request) -> web.Response:
+@sync_routes.route(
+    "GET",
+    "/v1/sync/conflicts",
+    summary="The site's open parked conflicts, as last mirrored from the cloud",
+    response=dict[str, Any],
+    auth=Auth.PUBLIC,
+)
+async def sync_conflicts(ctx: Ctx) -> dict[str, Any]:
     """The site's open parked conflicts, as last mirrored from the cloud (works offline)."""
-    conflicts = await request.app[STORE_KEY].conflicts()
-    return web.json_response({"conflicts": conflicts}, dumps=_dumps)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn sync and edge errors into their HTTP status and a JSON error body."""
-    try:
-        return await handler(request)
-    except (SyncError, EdgeError) as exc:
-        return web.json_response(exc.to_dict(), status=exc.status, dumps=_dumps)
+    conflicts = await ctx.request.app[STORE_KEY].conflicts()
+    return {"conflicts": json.loads(_dumps(conflicts))}
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -120,6 +122,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         config.site_id,
         config.effective_node_id,
         synchronous=config.synchronous,
+        live_tables=LIVE_TABLES,
     )
     app[STORE_KEY] = store
     try:
@@ -146,12 +149,12 @@ def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Appl
     """Build the edge application for ``config`` (the registry defaults to the shared one)."""
     if not config.site_id or not config.effective_node_id:
         raise ValueError("site_id and node_id (or a '<node_id>.<secret>' token) are required")
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = config.registry(registry or default_registry())
-    app.add_routes(routes)
+    setup_api(app, STORE_KEY, extra=[sync_routes])
     # Order matters: the store opens before the uplink and closes after it.
-    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.insert(0, _store_ctx)
     app.cleanup_ctx.append(_uplink_ctx)
     # Announced last (tablets may connect once they see it), so withdrawn first on shutdown.
     app.cleanup_ctx.append(mdns_ctx(config))

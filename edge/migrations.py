@@ -59,7 +59,21 @@ STATE_DEFAULTS: dict[str, int] = {
 
 #: names the edge uses for its own tables; a synced table may not take them
 RESERVED = frozenset(
-    {"schema_migrations", "sync_state", "outbox", "ack_marks", "conflicts", "events"}
+    {
+        "schema_migrations",
+        "sync_state",
+        "outbox",
+        "ack_marks",
+        "conflicts",
+        "events",
+        "devices",
+        "pairing_codes",
+        "sessions",
+        "approvals",
+        "pin_failures",
+        "idempotency",
+        "check_numbers",
+    }
 )
 
 
@@ -128,10 +142,82 @@ def _events(conn: sqlite3.Connection) -> None:
     )
 
 
+def _api(conn: sqlite3.Connection) -> None:
+    # Credentials are stored as SHA-256 hex of the token (edge.api.auth), never the token.
+    conn.execute(
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            paired_at_ms INTEGER NOT NULL,
+            paired_by TEXT,
+            revoked_at_ms INTEGER
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE pairing_codes (
+            code_hash TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            created_by TEXT,
+            expires_ms INTEGER NOT NULL,
+            used_at_ms INTEGER
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            employee_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            access_hash TEXT NOT NULL UNIQUE,
+            access_expires_ms INTEGER NOT NULL,
+            refresh_hash TEXT NOT NULL UNIQUE,
+            refresh_expires_ms INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            revoked_at_ms INTEGER
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE approvals (
+            id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            manager_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            used_at_ms INTEGER
+        )"""
+    )
+    # Wrong PINs: per employee (lockout) and per device (slow-down).
+    conn.execute(
+        """CREATE TABLE pin_failures (
+            subject TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL,
+            last_ms INTEGER NOT NULL,
+            locked_until_ms INTEGER
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE idempotency (
+            device_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            at_ms INTEGER NOT NULL,
+            PRIMARY KEY (device_id, key)
+        ) WITHOUT ROWID"""
+    )
+    # Check numbers: one counter per business day, allocated in the order's transaction.
+    conn.execute(
+        "CREATE TABLE check_numbers (business_day TEXT PRIMARY KEY, last INTEGER NOT NULL)"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sync core tables", _core_tables),
     Migration(2, "outbox: local wall time of each change", _outbox_written_ms),
     Migration(3, "live events", _events),
+    Migration(4, "tablet API: devices, sessions, approvals, PIN attempts, idempotency", _api),
 )
 
 

@@ -347,6 +347,10 @@ class EdgeStore:
         for callback in list(self._subscribers):
             callback(events)
 
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read on the edge's own tables (committed state; never blocks writes)."""
+        return list(await self._reader.execute_fetchall(sql, params))
+
     async def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
         """Committed events after ``seq`` (oldest first), for a subscriber catching up."""
         rows = await self._reader.execute_fetchall(

@@ -72,6 +72,11 @@ class Tx:
         self.events: list[Event] = []
 
     @property
+    def node_id(self) -> str:
+        """This edge's node id."""
+        return self._node_id
+
+    @property
     def now_ms(self) -> int:
         """The wall clock when the transaction started (one reading for all it writes)."""
         return self._now_ms
