@@ -1,23 +1,45 @@
-"""The ``fynlo-edge`` command: run the edge server, or show its sync status."""
+"""The ``fynlo-edge`` command: run the edge server, show its sync status, set up its first staff.
+
+A fresh edge has no device and, until the cloud sends them, no employee. A manager bootstraps
+it from the machine itself: ``add-employee`` (with the edge stopped: it writes a synced row,
+and a running edge numbers its changes in memory) then ``pair``, which prints a pairing code
+to type on the first tablet (it writes only the edge's own table, so the edge may be running).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from shared.config import ConfigError
+from shared.registry import default_registry
 
-from .app import create_app, status_body
+from .api import audit
+from .api.errors import ApiError
+from .api.people import (
+    DEVICE_KINDS,
+    ID_PATTERN,
+    PIN_PATTERN,
+    add_employee,
+    create_pairing_code,
+    hash_pin,
+)
+from .app import AccessLog, create_app, status_body
 from .config import DEFAULT_PATH, EdgeConfig, load_edge_config
-from .store import status_from_file, wall_clock_ms
+from .errors import EdgeError
+from .store import EdgeStore, status_from_file, wall_clock_ms
+from .tx import Tx
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show sync status (from the running edge, or its file)")
     status.add_argument("--config", default=DEFAULT_PATH, help="TOML config file (edge.toml)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    pair = sub.add_parser("pair", help="print a single-use pairing code for a new device")
+    pair.add_argument("--config", default=DEFAULT_PATH, help="TOML config file (edge.toml)")
+    pair.add_argument("--name", default="", help="the device it is for (a reminder only)")
+    pair.add_argument("--kind", choices=DEVICE_KINDS, default="tablet", help="kind of device")
+    add = sub.add_parser("add-employee", help="add an employee (with the edge stopped)")
+    add.add_argument("--config", default=DEFAULT_PATH, help="TOML config file (edge.toml)")
+    add.add_argument("--id", required=True, help="employee id, e.g. 'mia'")
+    add.add_argument("--name", required=True, help="the name tablets show")
+    add.add_argument("--role", required=True, help="role id, e.g. 'manager'")
+    add.add_argument("--pin", help="4-8 digits; asked for (or read from stdin) when not given")
     return parser
 
 
@@ -99,6 +131,78 @@ def _status(config: EdgeConfig, as_json: bool) -> int:
     return 0
 
 
+async def _open_store(config: EdgeConfig) -> EdgeStore:
+    if not config.site_id or not config.effective_node_id:
+        raise ValueError("site_id and node_id (or a '<node_id>.<secret>' token) are required")
+    registry = config.registry(default_registry())
+    return await EdgeStore.open(
+        config.db_path,
+        registry,
+        config.site_id,
+        config.effective_node_id,
+        synchronous=config.synchronous,
+    )
+
+
+def _pair(config: EdgeConfig, name: str, kind: str) -> int:
+    async def create() -> tuple[str, int]:
+        async with await _open_store(config) as store:
+            return await store.transaction(lambda tx: create_pairing_code(tx, kind, "cli"))
+
+    code, expires_ms = asyncio.run(create())
+    until = datetime.fromtimestamp(expires_ms / 1000).astimezone().strftime("%H:%M:%S")
+    label = f" for {name!r}" if name else ""
+    print(f"pairing code{label} ({kind}): {code}")
+    print(f"type it on the device before {until}; it works once")
+    return 0
+
+
+def _read_pin() -> str:
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    pin = getpass.getpass("PIN (4-8 digits): ")
+    if getpass.getpass("PIN again: ") != pin:
+        raise ValueError("the PINs differ")
+    return pin
+
+
+def _add_employee(config: EdgeConfig, args: argparse.Namespace) -> int:
+    pin = args.pin if args.pin is not None else _read_pin()
+    if not re.fullmatch(PIN_PATTERN, pin) or not re.fullmatch(ID_PATTERN, args.id):
+        raise ValueError(f"the PIN must be 4-8 digits and the id match {ID_PATTERN}")
+    if not 0 < len(args.name) <= 80:
+        raise ValueError("the name must be 1-80 characters")
+    try:
+        asyncio.run(_fetch_status(config, timeout_s=1.0))
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        pass  # not running: safe to write
+    else:
+        print(
+            f"fynlo-edge: the edge is running on port {config.port}: stop it first, or add "
+            "employees from a manager's tablet (POST /v1/employees)",
+            file=sys.stderr,
+        )
+        return 1
+
+    async def add() -> None:
+        pin_hash = await hash_pin(pin)
+
+        def write(tx: Tx) -> None:
+            add_employee(tx, args.id, args.name, args.role, pin_hash)
+            audit.record(tx, "add_employee", None, None)
+
+        async with await _open_store(config) as store:
+            await store.transaction(write)
+
+    try:
+        asyncio.run(add())
+    except ApiError as exc:
+        print(f"fynlo-edge: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"added {args.id} ({args.role}); they log in on a paired device with their PIN")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fynlo-edge``."""
     args = _parser().parse_args(argv)
@@ -109,13 +213,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "status":
         return _status(config, args.json)
+    try:
+        if args.command == "pair":
+            return _pair(config, args.name, args.kind)
+        if args.command == "add-employee":
+            return _add_employee(config, args)
+    except (ValueError, EdgeError) as exc:
+        print(f"fynlo-edge: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(config)
     except ValueError as exc:
         print(f"fynlo-edge: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=config.host, port=config.port)
+    web.run_app(app, host=config.host, port=config.port, access_log_class=AccessLog)
     return 0
 
 

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from shared.registry import default_registry
 from sync_protocol.schema import Registry
@@ -112,6 +113,21 @@ async def sync_conflicts(ctx: Ctx) -> dict[str, Any]:
     """The site's open parked conflicts, as last mirrored from the cloud (works offline)."""
     conflicts = await ctx.request.app[STORE_KEY].conflicts()
     return {"conflicts": json.loads(_dumps(conflicts))}
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request: method, path (never the query: it may hold a credential), status."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Log one answered request."""
+        self.logger.info(
+            '%s "%s %s" %s %.1fms',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+        )
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

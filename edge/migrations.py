@@ -272,6 +272,26 @@ def sync_registry_tables(conn: sqlite3.Connection, registry: Registry) -> None:
                     table.add_column(name, py_type)
 
 
+#: indexes on synced tables for the edge's own reads (table, name, columns); created after the
+#: registry step (the tables are created there), only where the table has those columns
+INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("order_lines", "order_lines_by_order", ("order_id",)),
+    ("orders", "orders_by_day", ("business_day", "check_number")),
+    ("orders", "orders_by_status", ("status",)),
+    ("tickets", "tickets_by_station", ("station", "bumped")),
+)
+
+
+def create_indexes(conn: sqlite3.Connection, registry: Registry) -> None:
+    """Create the ``INDEXES`` whose table and columns the registry has (idempotent)."""
+    for table, name, columns in INDEXES:
+        spec = registry.get(table) if table in registry.names() else None
+        if spec is None or not set(columns) <= {c.name for c in spec.columns}:
+            continue
+        cols = ", ".join(f'"{c}"' for c in columns)
+        conn.execute(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" ({cols})')
+
+
 def _check_identity(conn: sqlite3.Connection, site_id: str, node_id: str) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -304,6 +324,7 @@ def migrate(path: str | Path, registry: Registry, site_id: str, node_id: str) ->
         conn.execute("PRAGMA journal_mode = WAL")
         ran = _run_numbered(conn)
         sync_registry_tables(conn, registry)
+        create_indexes(conn, registry)
         _check_identity(conn, site_id, node_id)
         return ran
     finally:

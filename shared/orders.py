@@ -1,4 +1,10 @@
-"""Orders: the status every order moves through, and the moves allowed between them."""
+"""Orders: the status every order moves through, and the moves allowed between them.
+
+``ORDER_TRANSITIONS`` is the one table that the edge's order code, the tests and the docs
+read. Closing straight from ``open`` or ``fired`` is for a check with nothing to pay (every
+line voided, or none at all); the edge refuses it otherwise, until payments move the order to
+``paid``.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,17 @@ class OrderStatus(StrEnum):
 
 #: status -> the statuses it may move to (forward only)
 ORDER_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
-    OrderStatus.OPEN: frozenset({OrderStatus.FIRED, OrderStatus.PAID, OrderStatus.VOIDED}),
-    OrderStatus.FIRED: frozenset({OrderStatus.PAID, OrderStatus.VOIDED}),
+    OrderStatus.OPEN: frozenset(
+        {OrderStatus.FIRED, OrderStatus.PAID, OrderStatus.CLOSED, OrderStatus.VOIDED}
+    ),
+    OrderStatus.FIRED: frozenset({OrderStatus.PAID, OrderStatus.CLOSED, OrderStatus.VOIDED}),
     OrderStatus.PAID: frozenset({OrderStatus.CLOSED}),
     OrderStatus.CLOSED: frozenset(),
     OrderStatus.VOIDED: frozenset(),
 }
+
+#: statuses in which lines may be added, voided, moved and fired, and the header edited
+EDITABLE: frozenset[OrderStatus] = frozenset({OrderStatus.OPEN, OrderStatus.FIRED})
 
 #: statuses in forward order; concurrent edits keep the furthest one
 ORDER_STATUS_RANKS: tuple[str, ...] = tuple(s.value for s in OrderStatus)

@@ -262,3 +262,19 @@ def test_the_openapi_document_lists_every_route_and_responses_match_it(tmp_path:
         assert len(edge.app[OPERATIONS]) == len(documented)
 
     run(body, tmp_path)
+
+
+def test_the_access_log_never_writes_query_strings(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from edge.app import AccessLog
+
+    logger = logging.getLogger("test.access")
+    request = make_mocked_request("GET", "/v1/live?device=secret-token&session=also-secret")
+    with caplog.at_level(logging.INFO, logger="test.access"):
+        AccessLog(logger, "").log(request, web.Response(status=101), 0.0123)
+    assert caplog.messages and "/v1/live" in caplog.messages[0]
+    assert "secret" not in caplog.text and "101" in caplog.messages[0]

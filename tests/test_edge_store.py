@@ -728,3 +728,19 @@ def test_an_in_flight_change_stays_visible_until_a_page_says_it_is_in(tmp_path: 
             assert await store.outbox_after(0, 10) == []
 
     run(body)
+
+
+def test_order_reads_use_their_indexes(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path):
+            pass
+        plans = {
+            "SELECT * FROM order_lines WHERE order_id = 'o1'": "order_lines_by_order",
+            "SELECT * FROM orders WHERE business_day = '2026-11-26'": "orders_by_day",
+            "SELECT * FROM tickets WHERE station = 'bar' AND bumped = 0": "tickets_by_station",
+        }
+        for sql, index in plans.items():
+            plan = " ".join(str(row[-1]) for row in raw(tmp_path, f"EXPLAIN QUERY PLAN {sql}"))
+            assert index in plan, (sql, plan)
+
+    run(body)

@@ -18,7 +18,11 @@ from . import openapi
 from .audit_routes import routes as audit_routes
 from .auth import AUTHENTICATOR, Authenticator
 from .errors import error_middleware
+from .kitchen_routes import routes as kitchen_routes
+from .live import setup_live
 from .menu_routes import routes as menu_routes
+from .order_routes import routes as order_routes
+from .people_routes import routes as people_routes
 from .routing import STORE, ApiRoutes, Operation, add_routes
 from .session_routes import routes as session_routes
 
@@ -35,7 +39,14 @@ LIVE_TABLES = (
     "roles",
 )
 
-GROUPS: list[ApiRoutes] = [session_routes, menu_routes, audit_routes]
+GROUPS: list[ApiRoutes] = [
+    session_routes,
+    people_routes,
+    menu_routes,
+    order_routes,
+    audit_routes,
+    kitchen_routes,
+]
 OPERATIONS = web.AppKey("api_operations", list)
 DOCUMENT_PATH = "/api/openapi.json"
 
@@ -45,6 +56,7 @@ def setup_api(
 ) -> None:
     """Add the tablet API (and ``extra`` groups) to ``app``, whose store is ``store_key``."""
     ops: list[Operation] = add_routes(app, [*GROUPS, *extra])
+    ops += setup_live(app, store_key)  # the live WebSocket and the kitchen page: not JSON
     app[OPERATIONS] = ops
     document = msgspec.json.encode(openapi.build(ops))
 

@@ -2,7 +2,8 @@
 
 Each entry of the synced, add-only ``audit_log`` table says who (employee, and the manager
 who approved, if one did), on which device, which API operation, and every synced row it
-changed with the values before and after. Entries are numbered ``position`` 1, 2, … on this
+changed with the values before and after (secrets such as PIN hashes only as
+``<redacted>``). Entries are numbered ``position`` 1, 2, … on this
 edge, and the row id is ``<node>:<position, zero-padded>`` so the newest entry is one index
 step away. ``hash`` is SHA-256 over the previous entry's hash and this entry's canonical JSON
 (sorted keys, no spaces), so changing, removing or reordering any entry breaks every hash
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from .auth import Principal
 
 GENESIS = "0" * 64
+#: columns whose values never enter the audit trail (it is add-only: nothing there is erased)
+REDACTED = frozenset({"pin_hash"})
 _FIELDS = ("position", "at_ms", "employee_id", "device_id", "action", "detail")
 
 
@@ -43,8 +46,8 @@ def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) 
             "table": c.table,
             "id": c.pk,
             "op": Op(c.op).name.lower(),
-            "before": c.old,
-            "after": c.fields if c.op is not Op.DELETE else None,
+            "before": _redacted(c.old),
+            "after": _redacted(c.fields) if c.op is not Op.DELETE else None,
         }
         for c in tx.changes
         if c.table != "audit_log"
@@ -68,6 +71,13 @@ def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) 
     entry["prev_hash"] = prev_hash
     entry["hash"] = entry_hash(prev_hash, entry)
     tx.write("audit_log", f"{tx.node_id}:{position:012d}", Op.INSERT, entry)
+
+
+def _redacted(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Values with secrets (``REDACTED`` columns) replaced by a marker that they changed."""
+    if values is None:
+        return None
+    return {k: ("<redacted>" if k in REDACTED and v is not None else v) for k, v in values.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,13 @@ Credentials are random tokens (``secrets.token_urlsafe``); the edge keeps only t
 * ``approvals``: a manager's one-time approval of an action on someone else's device
   (``X-Fynlo-Approval``), spent by the transaction of the action it approves.
 
-``Authenticator`` answers "who is this" from memory after the first look-up of a token
-(revocations through it take effect at once). Permissions come from the employee's role:
-the synced ``roles`` table, or ``shared.roles.DEFAULT_ROLES`` for a role not in it; the
-cache of employees and roles is dropped whenever a row of either changes (store events).
+A refresh rotates both of a session's tokens (``rotate_session``). Logging out, deactivating
+an employee and revoking a device mark their rows revoked; the route then tells the
+``Authenticator`` to forget them. ``Authenticator`` answers "who is this" from memory after
+the first look-up of a token (revocations through it take effect at once). Permissions come
+from the employee's role: the synced ``roles`` table, or ``shared.roles.DEFAULT_ROLES`` for a
+role not in it; the cache of employees and roles is dropped whenever a row of either changes
+(store events).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from shared.roles import DEFAULT_ROLES, Permission, parse_permissions
+from sync_protocol.changes import Value
 
 from ..store import EdgeStore
 from ..tx import Event, Tx
@@ -119,6 +123,73 @@ def grant_approval(tx: Tx, manager_id: str, device_id: str) -> tuple[str, str, i
     return approval_id, token, expires
 
 
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A session's tokens as handed to its device (only their hashes are kept)."""
+
+    session_id: str
+    employee_id: str
+    access: str
+    refresh: str
+    expires_ms: int
+    refresh_expires_ms: int
+
+
+def rotate_session(tx: Tx, refresh_token: str, device_id: str) -> Tokens | None:
+    """Swap a live refresh token for new tokens (the old pair stops working at once).
+
+    None for a refresh token that is unknown, already rotated, ended, expired or presented
+    by another device. The refresh expiry stays the login's: refreshing never outlives a shift.
+    """
+    found = tx.one(
+        "SELECT id, employee_id, refresh_expires_ms FROM sessions"
+        " WHERE refresh_hash = ? AND device_id = ? AND revoked_at_ms IS NULL",
+        (token_hash(refresh_token), device_id),
+    )
+    if found is None or found[2] <= tx.now_ms:
+        return None
+    session_id, employee_id, refresh_expires = str(found[0]), str(found[1]), int(found[2])
+    access, refresh = new_token(), new_token()
+    expires = min(tx.now_ms + ACCESS_TTL_MS, refresh_expires)
+    tx.execute(
+        "UPDATE sessions SET access_hash = ?, access_expires_ms = ?, refresh_hash = ? WHERE id = ?",
+        (token_hash(access), expires, token_hash(refresh), session_id),
+    )
+    return Tokens(session_id, employee_id, access, refresh, expires, refresh_expires)
+
+
+def end_session(tx: Tx, session_id: str) -> bool:
+    """Log a session out; returns whether it was live."""
+    return (
+        tx.execute(
+            "UPDATE sessions SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
+            (tx.now_ms, session_id),
+        )
+        == 1
+    )
+
+
+def end_sessions_of(tx: Tx, employee_id: str) -> int:
+    """Log an employee out everywhere; returns how many sessions ended."""
+    return tx.execute(
+        "UPDATE sessions SET revoked_at_ms = ? WHERE employee_id = ? AND revoked_at_ms IS NULL",
+        (tx.now_ms, employee_id),
+    )
+
+
+def revoke_device(tx: Tx, device_id: str) -> bool:
+    """Unpair a device and end its sessions; returns whether it was paired until now."""
+    revoked = tx.execute(
+        "UPDATE devices SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
+        (tx.now_ms, device_id),
+    )
+    tx.execute(
+        "UPDATE sessions SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms IS NULL",
+        (tx.now_ms, device_id),
+    )
+    return revoked == 1
+
+
 # -- checks --------------------------------------------------------------------------------
 
 
@@ -153,6 +224,13 @@ class Authenticator:
             k: v for k, v in self._sessions.items() if not v or v.device_id != device_id
         }
 
+    def forget_employee(self, employee_id: str) -> None:
+        """Drop an employee's sessions and role from memory (deactivated, logged out)."""
+        self._sessions = {
+            k: v for k, v in self._sessions.items() if not v or v.employee_id != employee_id
+        }
+        self._employees.pop(employee_id, None)
+
     def forget_session(self, session_id: str) -> None:
         """Drop an ended session from memory."""
         self._sessions = {
@@ -171,7 +249,9 @@ class Authenticator:
                 "SELECT id, name, kind FROM devices WHERE token_hash = ? AND revoked_at_ms IS NULL",
                 (key,),
             )
-            self._devices[key] = Principal(*rows[0]) if rows else None
+            if not rows:  # not remembered: forged tokens must not grow memory
+                raise ApiError(ApiCode.DEVICE_NOT_PAIRED)
+            self._devices[key] = Principal(*rows[0])
         found = self._devices[key]
         if found is None:
             raise ApiError(ApiCode.DEVICE_NOT_PAIRED)
@@ -186,7 +266,9 @@ class Authenticator:
                 " WHERE access_hash = ? AND revoked_at_ms IS NULL",
                 (key,),
             )
-            self._sessions[key] = _Session(*rows[0]) if rows else None
+            if not rows:  # not remembered: forged tokens must not grow memory
+                raise ApiError(ApiCode.NOT_LOGGED_IN, "unknown, ended or revoked session token")
+            self._sessions[key] = _Session(*rows[0])
         found = self._sessions[key]
         if found is None:
             raise ApiError(ApiCode.NOT_LOGGED_IN, "unknown, ended or revoked session token")
@@ -219,14 +301,7 @@ class Authenticator:
         return self._employees[employee_id]
 
     async def _permissions(self, role_id: str) -> frozenset[Permission]:
-        row = await self.store.get("roles", role_id)
-        if row is not None and row.get("permissions"):
-            try:
-                return parse_permissions(json.loads(str(row["permissions"])))
-            except (ValueError, TypeError):
-                return frozenset()  # a malformed role grants nothing
-        default = DEFAULT_ROLES.get(role_id)
-        return default[1] if default else frozenset()
+        return role_permissions(await self.store.get("roles", role_id), role_id) or frozenset()
 
     async def approval(self, token: str, principal: Principal) -> tuple[str, str]:
         """The unused, unexpired approval ``token`` for this device: (id, manager id)."""
@@ -243,6 +318,19 @@ class Authenticator:
         if device_id != principal.device_id:
             raise ApiError(ApiCode.APPROVAL_INVALID, "the approval is for another device")
         return str(approval_id), str(manager_id)
+
+
+def role_permissions(row: Mapping[str, Value] | None, role_id: str) -> frozenset[Permission] | None:
+    """A role's permissions: its row's, else its default's; None when there is no such role."""
+    if row is not None and row.get("permissions"):
+        try:
+            return parse_permissions(json.loads(str(row["permissions"])))
+        except (ValueError, TypeError):
+            return frozenset()  # a malformed role grants nothing
+    default = DEFAULT_ROLES.get(role_id)
+    if default is not None:
+        return default[1]
+    return frozenset() if row is not None else None
 
 
 def permissions_json(permissions: Iterable[Permission]) -> str:

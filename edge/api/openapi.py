@@ -4,7 +4,9 @@ Every ``Operation`` contributes its path, method, summary, parameters, request b
 response schema (from its msgspec types, via ``msgspec.json.schema_components``), the
 credentials it needs, and its error responses; every error body has the same ``Error``
 schema, whose ``code`` is one of the stable codes. Nothing is written by hand, so the
-document lists exactly the routes the app serves (a test checks both directions).
+document lists exactly the routes the app serves (a test checks both directions). The one
+exception: a route that is not JSON (the live WebSocket, the kitchen display's page) is still
+an ``Operation``, and adds what its types cannot say to ``HAND_WRITTEN`` under its id.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from .routing import Auth, Operation
 
 _PARAM = re.compile(r"\{(\w+)\}")
 _REF = "#/components/schemas/{name}"
+
+#: hand-written additions to an operation's entry, by operation id (a ``responses`` entry is
+#: merged into the generated ones): for routes that are not JSON, e.g. a WebSocket
+HAND_WRITTEN: dict[str, dict[str, Any]] = {}
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
@@ -83,7 +89,7 @@ def _operation(op: Operation, schema_of: dict[int, Any]) -> dict[str, Any]:
     if op.query is not None:
         for name, field in _query_fields(op.query):
             params.append({"name": name, "in": "query", "required": False, "schema": field})
-    if op.mutating:
+    if op.mutating and op.idempotent:
         params.append(
             {
                 "name": "Idempotency-Key",
@@ -109,7 +115,7 @@ def _operation(op: Operation, schema_of: dict[int, Any]) -> dict[str, Any]:
         codes += [ApiCode.INVALID_REQUEST, ApiCode.MALFORMED_JSON, ApiCode.BODY_TOO_LARGE]
     if op.permission is not None:
         codes.append(ApiCode.PERMISSION_DENIED)
-    if op.mutating:
+    if op.mutating and op.idempotent:
         codes.append(ApiCode.IDEMPOTENCY_KEY_REUSED)
     by_status: dict[int, list[str]] = {}
     for code in dict.fromkeys(codes):
@@ -126,6 +132,8 @@ def _operation(op: Operation, schema_of: dict[int, Any]) -> dict[str, Any]:
         out["security"] = [{"device": [], "employee": []}]
     else:
         out["security"] = []
+    extra = HAND_WRITTEN.get(op.op_id, {})
+    out.update({**extra, "responses": {**responses, **extra.get("responses", {})}})
     return out
 
 

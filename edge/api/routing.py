@@ -74,6 +74,9 @@ class Operation:
     permission: Permission | None
     errors: tuple[ApiCode, ...]
     tags: tuple[str, ...]
+    #: False for a route whose answer holds a credential: the edge never stores it, so
+    #: such a route takes no Idempotency-Key (a retry runs again)
+    idempotent: bool = True
 
     @property
     def mutating(self) -> bool:
@@ -212,6 +215,7 @@ class ApiRoutes:
         auth: Auth = Auth.EMPLOYEE,
         permission: Permission | None = None,
         errors: tuple[ApiCode, ...] = (),
+        idempotent: bool = True,
     ) -> Callable[[Route], Route]:
         """Declare ``fn`` as the route ``method path``."""
 
@@ -231,6 +235,7 @@ class ApiRoutes:
                     permission,
                     errors,
                     (self.tag,),
+                    idempotent,
                 )
             )
             return fn
@@ -255,6 +260,17 @@ def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamRespo
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = await _authenticate(request, op)
         ctx = Ctx(request, op, principal)
+        raw = b""
+        if body_decoder is not None:
+            raw = await _read_body(request)
+        if op.mutating and op.idempotent:
+            ctx._idempotency = _idempotency(request, raw)
+            if ctx._idempotency is not None:
+                # A retry is answered before anything else is checked again: the approval
+                # it carried is spent by now, and the first answer is the answer.
+                replay = await _answered(ctx, ctx._idempotency)
+                if replay is not None:
+                    return replay
         if principal is not None and principal.employee_id is not None:
             ctx.approval = await _approval(request, principal)
         if op.permission is not None:
@@ -262,17 +278,13 @@ def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamRespo
         if op.query is not None:
             ctx.query = _decode_query(request, op.query)
         args: list[Any] = [ctx]
-        raw = b""
         if body_decoder is not None:
-            raw = await _read_body(request)
             try:
                 args.append(body_decoder.decode(raw))
             except msgspec.ValidationError as exc:
                 raise ApiError(ApiCode.INVALID_REQUEST, str(exc)) from None
             except msgspec.DecodeError as exc:
                 raise ApiError(ApiCode.MALFORMED_JSON, str(exc)) from None
-        if op.mutating:
-            ctx._idempotency = _idempotency(request, raw)
         try:
             result = await op.fn(*args)
         except Replayed as replay:
@@ -285,6 +297,21 @@ def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamRespo
 
     handle.__name__ = op.op_id
     return handle
+
+
+async def _answered(ctx: Ctx, idem: tuple[str, str]) -> web.Response | None:
+    """The stored first answer to this Idempotency-Key, if the request was already done."""
+    device = ctx.principal.device_id if ctx.principal else ""
+    rows = await ctx.store.query(
+        "SELECT fingerprint, status, body FROM idempotency WHERE device_id = ? AND key = ?",
+        (device, idem[0]),
+    )
+    if not rows:
+        return None
+    fingerprint, status, body = rows[0]
+    if fingerprint != idem[1]:
+        raise ApiError(ApiCode.IDEMPOTENCY_KEY_REUSED, key=idem[0])
+    return _json(body, status, replayed=True)
 
 
 def _json(body: bytes, status: int, replayed: bool = False) -> web.Response:

@@ -1,0 +1,206 @@
+"""Order lines: add them (priced from the menu), void them, move them to another order.
+
+How it works. Lines are add-only (``shared.registry``): a line is inserted once with its
+price, modifiers and notes copied onto it, and afterwards only its flags change (fired,
+voided). So two tablets adding lines to one order at once each insert their own rows and
+neither can lose the other's; the store's single writer runs them one after the other.
+
+* ``add_lines`` prices every line with ``menu.price_line`` and inserts them all, or none.
+* ``void_line`` is its own change (``voided`` is sticky). A line that was not fired needs
+  ``order.void_line``; a fired one also needs ``order.void_sent``, which the route checks
+  (or a manager's approval lends) before the transaction and passes in as ``may_void_sent``.
+  A fired line's void records who approved it: the lending manager, or the employee who
+  holds ``order.void_sent`` themself.
+* ``move_lines`` voids each line in its order (reason ``"moved"``) and adds a copy to the
+  other order with ``moved_from`` naming the original; a fired line stays fired (and the
+  receiving order becomes fired if it was only open). A move is not waste, so it needs
+  ``order.transfer`` rather than a void permission.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from shared.orders import OrderStatus
+from sync_protocol.changes import Op, Value
+
+from .errors import ApiCode, ApiError, not_found
+from .fields import Course, Id, Quantity, Reason, Seat, Text
+from .menu import price_line
+from .order_views import OrderView
+from .orders import load, move, require_editable, status_of, view
+from .rows import as_bool, as_str
+from .tx import Tx
+
+NewId = Callable[[str], str]
+
+MOVED = "moved"  # the void reason of a line moved to another order
+
+#: line columns a move copies as they are
+_COPIED = ("item_id", "name", "quantity", "unit_price_pence", "modifiers", "notes", "course",
+           "seat", "fired", "ticket_id")  # fmt: skip
+
+
+class NewLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A line to add: an item, how many, its modifier choices, notes, course and seat."""
+
+    item_id: Id
+    quantity: Quantity = 1
+    modifiers: Annotated[list[Id], Meta(max_length=20)] = []
+    notes: Text | None = None
+    course: Course = 1
+    seat: Seat | None = None
+
+
+class NewLines(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Several lines added together: all of them, or none."""
+
+    lines: Annotated[list[NewLine], Meta(min_length=1, max_length=50)]
+
+
+class VoidLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Why a line is voided."""
+
+    reason: Reason
+
+
+class MoveLines(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Lines to move to another order (each at most once)."""
+
+    line_ids: Annotated[list[Id], Meta(min_length=1, max_length=50)]
+    to_order_id: Id
+
+
+class LinesAdded(msgspec.Struct, frozen=True):
+    """The order after the add, and the new lines' ids in the order they were sent."""
+
+    order: OrderView
+    line_ids: list[str]
+
+
+class LinesMoved(msgspec.Struct, frozen=True):
+    """Both orders after a move."""
+
+    source: OrderView
+    target: OrderView
+
+
+def add_lines(
+    tx: Tx, order_id: str, lines: Sequence[NewLine], added_by: str, new_id: NewId
+) -> LinesAdded:
+    """Price and add ``lines`` to an open or fired order."""
+    order = load(tx, order_id)
+    require_editable(order, "add lines")
+    currency = as_str(order, "currency", "GBP")
+    ids = []
+    for line in lines:
+        priced = price_line(tx, line.item_id, line.modifiers)
+        if priced.currency != currency:
+            raise ApiError(
+                ApiCode.INVALID_REQUEST,
+                f"{priced.name} is priced in {priced.currency}, the order in {currency}",
+                item_id=line.item_id,
+            )
+        line_id = new_id("ln")
+        modifiers = [msgspec.structs.asdict(m) for m in priced.modifiers]
+        tx.write(
+            "order_lines",
+            line_id,
+            Op.INSERT,
+            {
+                "order_id": order_id,
+                "item_id": priced.item_id,
+                "name": priced.name,
+                "quantity": line.quantity,
+                "unit_price_pence": priced.unit_price_pence,
+                "modifiers": json.dumps(modifiers, separators=(",", ":")),
+                "notes": line.notes,
+                "course": line.course,
+                "seat": line.seat,
+                "added_by": added_by,
+                "added_at_ms": tx.now_ms,
+            },
+        )
+        ids.append(line_id)
+    return LinesAdded(view(tx, order_id), ids)
+
+
+def line_of_order(tx: Tx, order_id: str, line_id: str) -> dict[str, Any]:
+    """A line of ``order_id`` (with its id), or ``not_found``."""
+    line = tx.get("order_lines", line_id)
+    if line is None or line.get("order_id") != order_id:
+        raise not_found("line", line_id)
+    return {"id": line_id, **line}
+
+
+def void_line(
+    tx: Tx,
+    order_id: str,
+    line_id: str,
+    reason: str,
+    voided_by: str,
+    may_void_sent: bool,
+    approved_by: str | None,
+) -> OrderView:
+    """Void a line; a fired one only when ``may_void_sent`` (permission or approval)."""
+    order = load(tx, order_id)
+    require_editable(order, "void a line")
+    line = _live_line(tx, order_id, line_id)
+    fired = as_bool(line, "fired", False)
+    if fired and not may_void_sent:
+        raise ApiError(
+            ApiCode.APPROVAL_REQUIRED,
+            "the line was sent to the kitchen: voiding it needs a manager's approval",
+            permission="order.void_sent",
+        )
+    fields: dict[str, Value] = {"voided": True, "void_reason": reason, "voided_by": voided_by}
+    if fired:
+        fields["void_approved_by"] = approved_by or voided_by
+    tx.write("order_lines", line_id, Op.UPDATE, fields)
+    return view(tx, order_id)
+
+
+def move_lines(tx: Tx, order_id: str, body: MoveLines, moved_by: str, new_id: NewId) -> LinesMoved:
+    """Move lines to another order: void each here, add its copy there."""
+    if body.to_order_id == order_id:
+        raise ApiError(ApiCode.INVALID_REQUEST, "the lines are already on that order")
+    if len(set(body.line_ids)) != len(body.line_ids):
+        raise ApiError(ApiCode.INVALID_REQUEST, "a line is listed twice")
+    source = load(tx, order_id)
+    require_editable(source, "move lines")
+    target = load(tx, body.to_order_id)
+    require_editable(target, "move lines to it")
+    any_fired = False
+    for line_id in body.line_ids:
+        line = _live_line(tx, order_id, line_id)
+        tx.write(
+            "order_lines",
+            line_id,
+            Op.UPDATE,
+            {"voided": True, "void_reason": MOVED, "voided_by": moved_by},
+        )
+        copy: dict[str, Value] = {name: line.get(name) for name in _COPIED}
+        copy |= {"order_id": target["id"], "moved_from": line_id}
+        copy |= {"added_by": moved_by, "added_at_ms": tx.now_ms}
+        tx.write("order_lines", new_id("ln"), Op.INSERT, copy)
+        any_fired = any_fired or as_bool(line, "fired", False)
+    if any_fired and status_of(target) is OrderStatus.OPEN:
+        move(tx, target, OrderStatus.FIRED)
+    return LinesMoved(view(tx, order_id), view(tx, target["id"]))
+
+
+def _live_line(tx: Tx, order_id: str, line_id: str) -> dict[str, Any]:
+    line = line_of_order(tx, order_id, line_id)
+    if as_bool(line, "voided", False):
+        raise ApiError(
+            ApiCode.CONFLICT,
+            "the line is already voided",
+            line_id=line_id,
+            void_reason=line.get("void_reason"),
+        )
+    return line

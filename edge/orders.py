@@ -1,0 +1,237 @@
+"""Orders at the edge: open one with its check number, edit its header, transfer it, close it.
+
+How it works. Every function here is plain domain code of one store transaction (``Tx``):
+what it writes syncs and is audited with the request, and a refusal (``ApiError``) undoes all
+of it. An order's status moves only through ``shared.orders.ORDER_TRANSITIONS`` (``move``);
+a move the table does not allow is ``409 invalid_transition`` naming from and to. Lines can
+change, and the header be edited, only while the status is ``EDITABLE`` (open or fired).
+
+Check numbers. Each order gets the next number of its business day from the edge's own
+``check_numbers`` table, in the transaction that opens it; the store runs one write
+transaction at a time, so two tablets opening orders at once never get the same number, and
+a failed open takes its number back with it. The business day is the local date of the edge
+clock, shifted so that the day starts at ``DAY_STARTS_AT`` (04:00): a check opened at 01:30
+belongs to the evening before. The first check of a day starts after the highest number any
+order of that day already has (an edge rebuilt from the cloud never reuses one).
+
+Closing. Payments do not exist yet: an order closes from ``paid``, or straight from open or
+fired when nothing is left to pay (every line voided, or no lines at all). Any other close
+is ``409 invalid_transition`` saying what is still due.
+
+Header edits. ``edit_header`` and ``transfer`` take the ``If-Match`` version the tablet read
+(``order_views.header_version``); a different current version is ``409 stale_version`` with
+the current order in ``details.current``. Without ``If-Match`` the last write wins.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta, tzinfo
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from shared.orders import EDITABLE, OrderStatus, can_move
+from sync_protocol.changes import Op, Value
+
+from .errors import ApiCode, ApiError, not_found
+from .fields import Covers, Id, Name, Text
+from .order_views import ORDER_SQL, OrderView, header_version, order_from_row
+from .rows import as_str
+from .tx import Tx
+
+#: when the business day starts, in the edge's local time: checks before it count as the
+#: previous day's (a late service closes after midnight)
+DAY_STARTS_AT = time(4, 0)
+
+
+class NewOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An order to open: where, for how many, and whose it is (default: whoever opens it)."""
+
+    table_name: Name
+    covers: Covers
+    notes: Text | None = None
+    server_id: Id | None = None
+
+
+class HeaderChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Changes to an order's header; absent fields stay (``notes`` null clears them)."""
+
+    table_name: Name | UnsetType = UNSET
+    covers: Covers | UnsetType = UNSET
+    notes: Text | None | UnsetType = UNSET
+
+
+class Transfer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Move an order to another table, hand it to another server, or both."""
+
+    table_name: Name | UnsetType = UNSET
+    server_id: Id | UnsetType = UNSET
+
+
+def business_day(now_ms: int, tz: tzinfo | None = None, starts_at: time = DAY_STARTS_AT) -> str:
+    """The ISO date of the business day at ``now_ms`` (``tz`` None: the edge's local zone)."""
+    local = datetime.fromtimestamp(now_ms // 1000, tz)
+    return (local - timedelta(hours=starts_at.hour, minutes=starts_at.minute)).date().isoformat()
+
+
+def next_check_number(tx: Tx, day: str) -> int:
+    """Allocate the next check number of ``day`` (in the caller's transaction)."""
+    rows = tx.query(
+        "UPDATE check_numbers SET last = last + 1 WHERE business_day = ? RETURNING last", (day,)
+    )
+    if rows:
+        return int(rows[0][0])
+    highest = tx.one(
+        "SELECT coalesce(max(check_number), 0) FROM orders WHERE business_day = ?", (day,)
+    )
+    number = int(highest[0]) + 1
+    tx.execute("INSERT INTO check_numbers (business_day, last) VALUES (?, ?)", (day, number))
+    return number
+
+
+# -- reading and moving ----------------------------------------------------------------------
+
+
+def view(tx: Tx, order_id: str) -> OrderView:
+    """The order with its lines and totals, as this transaction sees it."""
+    row = tx.one(ORDER_SQL, (order_id,))
+    if row is None:
+        raise not_found("order", order_id)
+    return order_from_row(row)
+
+
+def load(tx: Tx, order_id: str) -> dict[str, Any]:
+    """An order's row (with its id), or ``not_found``."""
+    row = tx.get("orders", order_id)
+    if row is None:
+        raise not_found("order", order_id)
+    return {"id": order_id, **row}
+
+
+def status_of(order: dict[str, Any]) -> OrderStatus:
+    """An order row's status."""
+    return OrderStatus(as_str(order, "status", OrderStatus.OPEN.value))
+
+
+def require_editable(order: dict[str, Any], action: str) -> None:
+    """Refuse to ``action`` an order that is no longer open or fired."""
+    status = status_of(order)
+    if status not in EDITABLE:
+        raise ApiError(
+            ApiCode.INVALID_TRANSITION,
+            f"cannot {action}: the order is {status}",
+            order_id=order["id"],
+            status=str(status),
+        )
+
+
+def move(tx: Tx, order: dict[str, Any], target: OrderStatus, **fields: Value) -> None:
+    """Move an order to ``target`` if the transition table allows it (with other fields)."""
+    current = status_of(order)
+    if not can_move(current, target):
+        between: dict[str, object] = {"from": str(current), "to": str(target)}
+        raise ApiError(
+            ApiCode.INVALID_TRANSITION,
+            f"an order cannot go from {current} to {target}",
+            order_id=order["id"],
+            **between,
+        )
+    tx.write("orders", order["id"], Op.UPDATE, {"status": target.value, **fields})
+
+
+# -- the header ------------------------------------------------------------------------------
+
+
+def open_order(tx: Tx, order_id: str, new: NewOrder, opened_by: str) -> OrderView:
+    """Open an order with the next check number of the business day."""
+    server_id = new.server_id or opened_by
+    _check_employee(tx, server_id)
+    day = business_day(tx.now_ms)
+    tx.write(
+        "orders",
+        order_id,
+        Op.INSERT,
+        {
+            "check_number": next_check_number(tx, day),
+            "business_day": day,
+            "opened_at_ms": tx.now_ms,
+            "table_name": new.table_name,
+            "covers": new.covers,
+            "server_id": server_id,
+            "opened_by": opened_by,
+            "notes": new.notes,
+            "status": OrderStatus.OPEN.value,
+        },
+    )
+    return view(tx, order_id)
+
+
+def edit_header(tx: Tx, order_id: str, changes: HeaderChanges, if_match: str | None) -> OrderView:
+    """Change table, covers or notes, refusing an edit made from a stale copy."""
+    return _change_header(tx, order_id, _set_fields(changes), if_match, "edit the order")
+
+
+def transfer(tx: Tx, order_id: str, to: Transfer, if_match: str | None) -> OrderView:
+    """Move the order to another table and/or server."""
+    fields = _set_fields(to)
+    if isinstance(fields.get("server_id"), str):
+        _check_employee(tx, str(fields["server_id"]))
+    return _change_header(tx, order_id, fields, if_match, "transfer the order")
+
+
+def close_order(tx: Tx, order_id: str) -> OrderView:
+    """Close a paid order, or one with nothing left to pay."""
+    order = load(tx, order_id)
+    if status_of(order) in EDITABLE:
+        count, due = tx.one(
+            "SELECT count(*), coalesce(sum(quantity * unit_price_pence), 0) FROM order_lines"
+            " WHERE order_id = ? AND NOT coalesce(voided, 0)",
+            (order_id,),
+        )
+        if count:
+            between: dict[str, object] = {
+                "from": str(status_of(order)),
+                "to": OrderStatus.CLOSED.value,
+            }
+            raise ApiError(
+                ApiCode.INVALID_TRANSITION,
+                f"cannot close: {count} line(s) for {due} pence need payment (or a void)",
+                order_id=order_id,
+                due_pence=int(due),
+                **between,
+            )
+    move(tx, order, OrderStatus.CLOSED, closed_at_ms=tx.now_ms)
+    return view(tx, order_id)
+
+
+def _change_header(
+    tx: Tx, order_id: str, fields: dict[str, Value], if_match: str | None, action: str
+) -> OrderView:
+    order = load(tx, order_id)
+    if if_match is not None and if_match != "*" and if_match != header_version(order):
+        raise ApiError(
+            ApiCode.STALE_VERSION,
+            "the order changed since this tablet read it",
+            current=view(tx, order_id),
+        )
+    require_editable(order, action)
+    tx.write("orders", order_id, Op.UPDATE, fields)
+    return view(tx, order_id)
+
+
+def _set_fields(body: msgspec.Struct) -> dict[str, Value]:
+    fields: dict[str, Value] = {
+        name: getattr(body, name)
+        for name in body.__struct_fields__
+        if getattr(body, name) is not UNSET
+    }
+    if not fields:
+        raise ApiError(ApiCode.INVALID_REQUEST, "nothing to change")
+    return fields
+
+
+def _check_employee(tx: Tx, employee_id: str) -> None:
+    employee = tx.get("employees", employee_id)
+    if employee is None or employee.get("active") is False:
+        raise not_found("employee", employee_id)
