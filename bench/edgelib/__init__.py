@@ -1,0 +1,1 @@
+"""Pieces of the edge API benchmark (``bench/edge_api.py``)."""

@@ -1,0 +1,190 @@
+"""The load generator of the edge API benchmark, run as its own process.
+
+``http``: ``--conns`` workers, each on its own keep-alive connection, send requests back to
+back for ``--seconds``: against the edge (``--target edge``) each worker opens an order and
+adds lines to it (a new order every ``LINES_PER_ORDER`` lines); against the baseline
+(``--target baseline``) each sends ``GET /item``. Prints JSON: request count, seconds,
+latencies (ms) of the measured requests (line adds, or the GETs).
+
+``ws``: opens ``--clients`` WebSocket clients, subscribes each (the edge: to
+``tickets:kitchen``), then ``--fires`` times, every ``--interval`` s, makes one ticket (the edge:
+open an order, add a line, fire it; the baseline: ``POST /fire``) and records, for every
+client, the time from the ticket's commit (its ``fired_at_ms``; the baseline: its send time)
+to that client receiving it. Prints JSON: clients, delivered, missing, latencies (ms).
+
+Both print one JSON object on stdout as their only output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+LINES_PER_ORDER = 25
+
+
+def _ms() -> float:
+    return time.time() * 1000
+
+
+async def http_load(ns: argparse.Namespace) -> dict[str, Any]:
+    """Requests back to back on ``conns`` connections for ``seconds``."""
+    headers = json.loads(ns.headers or "{}")
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+        stop = time.perf_counter() + ns.seconds
+
+        async def timed(method: str, path: str, body: Any = None) -> Any:
+            t0 = time.perf_counter()
+            async with http.request(method, ns.url + path, json=body) as resp:
+                data = await resp.read()
+                took = (time.perf_counter() - t0) * 1000
+                if resp.status >= 300:
+                    errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                    return None, took
+                return (json.loads(data) if data else None), took
+
+        async def edge_worker(k: int) -> None:
+            order_id, lines = None, 0
+            while time.perf_counter() < stop:
+                if order_id is None or lines >= LINES_PER_ORDER:
+                    opened, _ = await timed(
+                        "POST", "/v1/orders", {"table_name": f"T{k}", "covers": 2}
+                    )
+                    order_id, lines = (opened or {}).get("id"), 0
+                    if order_id is None:
+                        continue
+                _, took = await timed(
+                    "POST", f"/v1/orders/{order_id}/lines", {"item_id": "soup", "quantity": 1}
+                )
+                latencies.append(took)
+                lines += 1
+
+        async def baseline_worker(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop:
+                _, took = await timed("GET", f"/item?id={i % 1000}")
+                latencies.append(took)
+                i += ns.conns
+
+        worker = edge_worker if ns.target == "edge" else baseline_worker
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(ns.conns)))
+        elapsed = time.perf_counter() - t0
+    return {"requests": len(latencies), "seconds": elapsed, "latencies_ms": latencies,
+            "errors": errors}  # fmt: skip
+
+
+async def ws_load(ns: argparse.Namespace) -> dict[str, Any]:
+    """``clients`` subscribers; ``fires`` tickets; per-client delivery latency."""
+    headers = json.loads(ns.headers or "{}")
+    connector = aiohttp.TCPConnector(limit=0)
+    latencies: list[float] = []
+    got: dict[str, int] = {}
+    ready = asyncio.Semaphore(200)  # handshakes in flight at once
+    subscribed = 0
+    all_subscribed = asyncio.Event()
+    all_delivered = asyncio.Event()
+    async with aiohttp.ClientSession(connector=connector) as http:
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+
+        async def client() -> None:
+            nonlocal subscribed
+            async with ready:
+                sock = await http.ws_connect(ns.ws_url, heartbeat=None, max_msg_size=0)
+                sockets.append(sock)
+                if ns.target == "edge":
+                    await sock.send_str(json.dumps(
+                        {"type": "subscribe", "topics": ["tickets:kitchen"], "since": None}
+                    ))  # fmt: skip
+                    while json.loads((await sock.receive()).data).get("type") != "ready":
+                        pass
+            subscribed += 1
+            if subscribed == ns.clients:
+                all_subscribed.set()
+            async for msg in sock:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                now = _ms()
+                data = json.loads(msg.data)
+                if data.get("type") != "event":
+                    continue
+                if ns.target == "edge":
+                    row = data["data"]["row"] or {}
+                    if row.get("bumped"):
+                        continue
+                    sent, key = row["fired_at_ms"], data["data"]["id"]
+                else:
+                    sent, key = data["sent_ms"], str(data["sent_ms"])
+                latencies.append(now - sent)
+                got[key] = got.get(key, 0) + 1
+                if len(latencies) >= ns.fires * ns.clients:
+                    all_delivered.set()
+
+        tasks = [asyncio.ensure_future(client()) for _ in range(ns.clients)]
+        await asyncio.wait_for(all_subscribed.wait(), 120)
+        fired = 0
+        for k in range(ns.fires):
+            await asyncio.sleep(ns.interval)
+            if ns.target == "edge":
+                await _edge_ticket(http, ns.url, headers, k)
+            else:
+                async with http.post(ns.url + "/fire") as resp:
+                    await resp.read()
+            fired += 1
+        try:  # every ticket to every client, or give up after 10 s (counted as missing)
+            await asyncio.wait_for(all_delivered.wait(), 10)
+        except TimeoutError:
+            pass
+        for sock in sockets:
+            await sock.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"clients": ns.clients, "fired": fired, "delivered": len(latencies),
+            "missing": fired * ns.clients - len(latencies), "latencies_ms": latencies}  # fmt: skip
+
+
+async def _edge_ticket(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], k: int
+) -> None:
+    async with http.post(url + "/v1/orders", json={"table_name": f"W{k}", "covers": 2},
+                         headers=headers) as resp:  # fmt: skip
+        order = await resp.json()
+    path = f"/v1/orders/{order['id']}"
+    async with http.post(url + path + "/lines", json={"item_id": "soup"}, headers=headers) as r:
+        await r.read()
+    async with http.post(url + path + "/fire", json={}, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"fire failed: {resp.status} {await resp.text()}")
+        await resp.read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=("http", "ws"))
+    parser.add_argument("--target", choices=("edge", "baseline"), required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--ws-url")
+    parser.add_argument("--headers", help="JSON object of request headers")
+    parser.add_argument("--conns", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=2000)
+    parser.add_argument("--fires", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=0.5)
+    ns = parser.parse_args()
+    run = http_load if ns.mode == "http" else ws_load
+    print(json.dumps(asyncio.run(run(ns))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
