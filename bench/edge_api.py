@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -281,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns.clients = ns.clients or (100 if ns.quick else 2000)
     ns.fires = ns.fires or (4 if ns.quick else 20)
     workdir = Path(tempfile.mkdtemp(prefix="fynlo-edge-bench-"))
+    # SIGTERM unwinds like Ctrl-C, so the servers started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         summary = asyncio.run(run(ns, workdir))
     except KeyboardInterrupt:
