@@ -11,24 +11,30 @@ changes see earlier ones), and then, per table, one upsert writes the rows whose
 changed; the feed gets one entry per touched row at the rev of its last change (also for
 rows whose change was overridden or parked, so the writer re-syncs to the cloud's values);
 conflicts are inserted; the head moves and ``pg_notify`` fires at commit.
+
+The bulk of a catch-up is rows the cloud has never seen, each written by one change. Such a
+row has nothing to merge (``apply_change`` would give the change's values over the defaults,
+``merge.apply_local``), so it skips the merge and is kept as plain values (``NewRow``) from
+which its COPY record and its feed entry are made directly; should a later change of the
+run touch it again, it becomes a ``RowState`` and takes the general path from there.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from sync_protocol.changes import Change, Conflict, RowState
-from sync_protocol.merge import apply_change
+from sync_protocol.changes import Change, Conflict, Op, RowState
+from sync_protocol.merge import OutcomeKind, apply_change, apply_local
 from sync_protocol.schema import TableSpec
 
 from . import conflicts as conflict_store
 from .errors import CloudCode, CloudError
 from .listen import CHANNEL
-from .rows import TableIO, pack_entry
+from .rows import NewRow, TableIO, new_row_state, pack_entry, pack_new_entry
 
 Key = tuple[str, str]  #: (table, pk)
 
@@ -37,11 +43,17 @@ FEED_COLUMNS = ("site_id", "rev", "tbl", "pk", "entry", "echo_of", "echo_seq")
 
 @dataclass(slots=True)
 class Applied:
-    """The result of applying a run of changes: final row states, feed revs, outcomes."""
+    """The result of applying a run of changes: final row states, feed revs, outcomes.
+
+    A row that did not exist and that one change of the run wrote (most rows of a
+    catch-up) is kept in ``created`` as plain values; every other touched row is in
+    ``states`` with the revs of its last change in ``last_rev`` and ``last_seq``.
+    """
 
     head: int
+    created: dict[str, dict[str, NewRow]] = field(default_factory=dict)  #: table -> pk -> row
     states: dict[Key, RowState] = field(default_factory=dict)
-    dirty: list[Key] = field(default_factory=list)  #: rows whose state changed, first-touch order
+    dirty: list[Key] = field(default_factory=list)  #: rows whose state changed, first-change order
     last_rev: dict[Key, int] = field(default_factory=dict)  #: rev of each row's last change
     last_seq: dict[Key, int] = field(default_factory=dict)  #: seq of each row's last change
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -64,12 +76,15 @@ async def load_states(
     conn: asyncpg.Connection,
     io: Mapping[str, TableIO],
     site_id: str,
-    keys: Sequence[Key],
+    keys: Iterable[Key],
 ) -> dict[Key, RowState]:
     """The current states of the rows a run touches: one query per table."""
     by_table: dict[str, set[str]] = {}
     for table, pk in keys:
-        by_table.setdefault(table, set()).add(pk)
+        pks = by_table.get(table)
+        if pks is None:
+            pks = by_table[table] = set()
+        pks.add(pk)
     states: dict[Key, RowState] = {}
     for table, pks in by_table.items():
         for pk, state in (await io[table].load(conn, site_id, pks)).items():
@@ -78,34 +93,56 @@ async def load_states(
 
 
 def apply_all(
-    pairs: Sequence[tuple[TableSpec, Change]],
+    pairs: Iterable[tuple[TableSpec, Change]],
     current: dict[Key, RowState],
     head: int,
     echo_origin: str | None = None,
 ) -> Applied:
-    """Apply validated changes in order at revs head+1, head+2, …; ``current`` is updated."""
-    result = Applied(head, stored=frozenset(current), echo_origin=echo_origin)
-    states, dirty, last_rev = result.states, result.dirty, result.last_rev
-    outcomes = result.outcomes
-    seen_dirty: set[Key] = set()
+    """Apply validated changes in order at revs head+1, head+2, …; ``current`` (the stored
+    states) is the working set and is changed."""
+    stored = frozenset(current)
+    result = Applied(head, stored=stored, echo_origin=echo_origin)
+    created, states, dirty = result.created, result.states, result.dirty
+    last_rev, last_seq = result.last_rev, result.last_seq
+    outcomes, conflicts = result.outcomes, result.conflicts
+    is_dirty: set[Key] = set()
+    new_rows = 0
     rev = head
     for spec, change in pairs:
         rev += 1
-        key = (change.table, change.pk)
+        table, pk = change.table, change.pk
+        key = (table, pk)
         before = current.get(key)
+        if before is None:
+            fresh = created.get(table)
+            if fresh is None:
+                fresh = created[table] = {}
+            earlier = fresh.pop(pk, None)
+            if earlier is None and change.op is not Op.DELETE:
+                # Nobody has written this row: its values are the change's over the defaults.
+                values = apply_local(spec, None, change.op, change.fields)
+                fresh[pk] = (values, rev, change.hlc, change.origin, change.seq)
+                new_rows += 1
+                continue
+            if earlier is not None:  # written earlier in this run: merge as usual from here
+                before = current[key] = new_row_state(pk, earlier)
+                is_dirty.add(key)
+                dirty.append(key)
         outcome = apply_change(spec, before, change, rev)
         state = outcome.state
         if state is not before:
             current[key] = state
-            if key not in seen_dirty:
-                seen_dirty.add(key)
+            if key not in is_dirty:
+                is_dirty.add(key)
                 dirty.append(key)
         states[key] = state
         last_rev[key] = rev
-        result.last_seq[key] = change.seq
+        last_seq[key] = change.seq
         outcomes[outcome.kind.value] += 1
         if outcome.conflict is not None:
-            result.conflicts.append(outcome.conflict)
+            conflicts.append(outcome.conflict)
+    if new_rows:
+        outcomes[OutcomeKind.APPLIED.value] += new_rows  # what apply_change says of each
     result.head = rev
     return result
 
@@ -116,6 +153,25 @@ def touch(key: Key, state: RowState, head: int) -> Applied:
     result.states[key] = state
     result.last_rev[key] = head + 1
     return result
+
+
+def feed_records(site_id: str, applied: Applied) -> Iterator[tuple[object, ...]]:
+    """The run's feed rows (``FEED_COLUMNS``), made one by one as COPY sends them: each
+    touched row's packed state at the rev of its last change."""
+    echo = applied.echo_origin
+    for table, rows in applied.created.items():
+        for pk, row in rows.items():
+            entry = pack_new_entry(table, pk, row)
+            # a row the pushing node created: the entry echoes what that node holds already
+            yield (site_id, row[1], table, pk, entry, echo, None if echo is None else row[4])
+    states, stored, last_seq = applied.states, applied.stored, applied.last_seq
+    for key, rev in applied.last_rev.items():
+        table, pk = key
+        entry = pack_entry(rev, table, states[key])
+        if echo is None or key in stored:
+            yield (site_id, rev, table, pk, entry, None, None)
+        else:
+            yield (site_id, rev, table, pk, entry, echo, last_seq[key])
 
 
 async def persist(
@@ -129,24 +185,12 @@ async def persist(
         (old if key in stored else new).setdefault(key[0], []).append(states[key])
     for table, rows in old.items():
         await io[table].upsert(conn, site_id, rows)
-    for table, rows in new.items():
+    for table in [*new, *(t for t in applied.created if t not in new)]:
         # No other writer can add these rows: every writer holds the site's lock.
-        await io[table].insert_new(conn, site_id, rows)
-    echo = applied.echo_origin
-    feed = [
-        (
-            site_id,
-            rev,
-            table,
-            pk,
-            pack_entry(rev, table, states[(table, pk)]),
-            *((None, None) if echo is None or key in stored else (echo, applied.last_seq[key])),
-        )
-        for key, rev in applied.last_rev.items()
-        for table, pk in (key,)
-    ]
-    if feed:
-        await conn.copy_records_to_table("feed", records=feed, columns=FEED_COLUMNS)
+        await io[table].insert_new(conn, site_id, new.get(table, ()), applied.created.get(table))
+    if applied.last_rev or applied.created:
+        records = feed_records(site_id, applied)
+        await conn.copy_records_to_table("feed", records=records, columns=FEED_COLUMNS)
     if applied.conflicts:
         await conn.executemany(
             conflict_store.INSERT_SQL,

@@ -2,15 +2,18 @@
 
 A ``TableIO`` holds the SQL of one synced table, built once from its spec: load the rows a
 batch touches (``id = ANY($2)``), upsert their final states from one set of column arrays
-(``unnest``), and read the live rows. Per-column versions travel as ``_fv`` jsonb
-``{column: [rev, hlc, origin]}``; most rows have none, so they cost no JSON at all.
+(``unnest``), COPY rows that do not exist yet, and read the live rows. Per-column versions
+travel as ``_fv`` jsonb ``{column: [rev, hlc, origin]}``; most rows have none, so they cost
+no JSON at all. A row one change created (``NewRow``, most of a catch-up) goes from its
+plain values to its COPY record and its packed feed entry without a ``RowState``.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import asyncpg
@@ -45,6 +48,24 @@ _PACKER = msgpack.Packer(use_bin_type=True)
 def pack_entry(rev: int, table: str, state: RowState) -> bytes:
     """A feed entry packed as its wire row, ready to be stored and served as is."""
     packed: bytes = _PACKER.pack(state_row(rev, table, state))
+    return packed
+
+
+#: a row that one change created, as plain values: (values, rev, hlc, origin, seq); its state
+#: is ``new_row_state`` (every column written by that change, so no per-column versions)
+NewRow = tuple[dict[str, Value], int, int, str, int]
+
+
+def new_row_state(pk: str, row: NewRow) -> RowState:
+    """The ``RowState`` of a new row."""
+    values, rev, hlc, origin, _seq = row
+    return RowState(pk, values, Version(rev, hlc, origin), {}, False)
+
+
+def pack_new_entry(table: str, pk: str, row: NewRow) -> bytes:
+    """``pack_entry`` of a new row at the rev of its change, without building its state."""
+    values, rev, hlc, origin, _seq = row
+    packed: bytes = _PACKER.pack([rev, table, pk, False, values, rev, hlc, origin, None])
     return packed
 
 
@@ -84,13 +105,6 @@ class TableIO:
             f" ON CONFLICT (site_id, id) DO UPDATE SET {updates}"
         )
 
-    def _values_of(self, state: RowState) -> tuple[Value, ...]:
-        """The row's values in column order (one C call when every column is present)."""
-        try:
-            return self._getter(state.values)
-        except KeyError:
-            return tuple(state.values.get(n) for n in self.names)
-
     def state(self, record: asyncpg.Record) -> RowState:
         """A loaded row (from ``select_sql``) as the engine's ``RowState``."""
         n = len(self.names)
@@ -122,25 +136,37 @@ class TableIO:
         await conn.execute(self.upsert_sql, site_id, *arrays)
 
     async def insert_new(
-        self, conn: asyncpg.Connection, site_id: str, states: Sequence[RowState]
+        self,
+        conn: asyncpg.Connection,
+        site_id: str,
+        states: Sequence[RowState],
+        created: Mapping[str, NewRow] | None = None,
     ) -> None:
         """Write rows that do not exist yet with COPY (the caller holds the site's lock)."""
-        if not states:
+        records = self.copy_records(site_id, states)
+        if created:
+            records = chain(records, self.new_records(site_id, created))
+        elif not states:
             return
-        records = [
-            (
-                site_id,
-                s.pk,
-                *self._values_of(s),
-                s.version.rev,
-                s.version.hlc,
-                s.version.origin,
-                fv_json(s.fv) if s.fv else None,
-                s.deleted,
-            )
-            for s in states
-        ]
         await conn.copy_records_to_table(self.spec.name, records=records, columns=self.copy_columns)
+
+    def copy_records(self, site_id: str, states: Iterable[RowState]) -> Iterator[tuple[Any, ...]]:
+        """Rows as COPY records (``copy_columns``), made one by one as COPY sends them."""
+        for s in states:
+            fv = fv_json(s.fv) if s.fv else None
+            yield (site_id, s.pk, *self._values(s.values), *s.version, fv, s.deleted)
+
+    def new_records(self, site_id: str, rows: Mapping[str, NewRow]) -> Iterator[tuple[Any, ...]]:
+        """``copy_records`` of new rows (``{pk: row}``)."""
+        for pk, (values, rev, hlc, origin, _seq) in rows.items():
+            yield (site_id, pk, *self._values(values), rev, hlc, origin, None, False)
+
+    def _values(self, values: Values) -> tuple[Value, ...]:
+        """The row's values in column order (one C call when every column is present)."""
+        try:
+            return self._getter(values)
+        except KeyError:
+            return tuple(values.get(n) for n in self.names)
 
     async def live_rows(
         self, conn: asyncpg.Connection, site_id: str

@@ -26,7 +26,7 @@ from sync_protocol import checksum, wire
 from sync_protocol.changes import Change, Op, Value
 from sync_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
-from sync_protocol.merge import validate_change
+from sync_protocol.merge import validate_change, validate_changes
 from sync_protocol.schema import Author, Registry, TableSpec
 
 from . import conflicts as conflict_store
@@ -39,6 +39,9 @@ from .schema import migrate
 CLOUD_ORIGIN = "cloud"
 #: no push batch spans more revisions than this (decode limits are far below it)
 MAX_BATCH_REVS = 1_000_000
+#: from this many rows that only inserts touch, a run takes them to be new without looking
+#: (below it, one query to look costs less than the savepoint that guards the guess)
+ASSUME_NEW_MIN = 64
 #: how long a device credential, once checked, is trusted without asking Postgres again
 #: (a revocation through this process applies at once; through another, within this time)
 CREDENTIAL_TTL_S = 5.0
@@ -248,29 +251,44 @@ class CloudStore:
 
     # -- ingest and writes ------------------------------------------------------------------
 
-    def _validate(
-        self, changes: Sequence[Change], author: Author
-    ) -> list[tuple[TableSpec, Change]]:
-        get = self.registry.get
-        pairs = []
-        for change in changes:
-            spec = get(change.table)
-            validate_change(spec, change, author)
-            pairs.append((spec, change))
-        return pairs
+    def _validate(self, changes: Sequence[Change], author: Author) -> list[TableSpec]:
+        return validate_changes(self.registry, changes, author)
 
     async def _apply(
         self,
         conn: asyncpg.Connection,
         site_id: str,
-        pairs: Sequence[tuple[TableSpec, Change]],
+        specs: Sequence[TableSpec],
+        changes: Sequence[Change],
         head: int,
         echo_origin: str | None = None,
     ) -> Applied:
+        """Load the rows the changes touch, apply the changes and write the results.
+
+        Rows that only inserts touch are mostly new (a catch-up is made of them), so when
+        there are many they are taken not to exist without looking: writing them as new
+        rows, under a savepoint, is the proof (the site's lock keeps other writers out). If
+        one exists after all, its primary key refuses the write; the attempt is rolled back
+        and the run applied again with every row it touches loaded.
+        """
+        inserted: set[Key] = set()
+        other: set[Key] = set()
+        for c in changes:
+            (inserted if c.op is Op.INSERT else other).add((c.table, c.pk))
+        inserted -= other
         try:
-            keys = [(c.table, c.pk) for _, c in pairs]
-            current = await load_states(conn, self.io, site_id, keys)
-            applied = apply_all(pairs, current, head, echo_origin)
+            if len(inserted) >= ASSUME_NEW_MIN:
+                current = await load_states(conn, self.io, site_id, other)
+                try:
+                    async with conn.transaction():  # a savepoint
+                        pairs = zip(specs, changes, strict=True)
+                        applied = apply_all(pairs, dict(current), head, echo_origin)
+                        await persist(conn, self.io, site_id, applied)
+                    return applied
+                except asyncpg.UniqueViolationError:
+                    pass  # one of them exists: apply again, with every row loaded
+            current = await load_states(conn, self.io, site_id, other | inserted)
+            applied = apply_all(zip(specs, changes, strict=True), current, head, echo_origin)
             await persist(conn, self.io, site_id, applied)
         except _TEXT_ERRORS as exc:
             raise RemoteProtocolError(
@@ -286,7 +304,7 @@ class CloudStore:
             raise RemoteProtocolError(
                 ErrorCode.SITE_MISMATCH, "the batch names another site or node than its sender"
             )
-        pairs = self._validate(batch.changes, Author.EDGE)
+        specs = self._validate(batch.changes, Author.EDGE)
         key = (site_id, node_id)
         if not self.order.knows(key):
             watermark = await self.pool.fetchval(
@@ -323,11 +341,14 @@ class CloudStore:
                         batch.last,
                     )
                 ]
-            fresh = pairs[watermark + 1 - batch.first :] if watermark >= batch.first else pairs
+            skip = watermark + 1 - batch.first if watermark >= batch.first else 0
+            fresh = batch.changes[skip:]
             outcomes: dict[str, int] = {}
             first_new, first_rev = watermark + 1, head + 1
             if fresh:
-                applied = await self._apply(conn, site_id, fresh, head, echo_origin=node_id)
+                applied = await self._apply(
+                    conn, site_id, specs[skip:], fresh, head, echo_origin=node_id
+                )
                 head, watermark = applied.head, batch.last
                 outcomes.update(applied.outcomes)
                 segments.append((first_new, watermark, first_rev))
@@ -350,7 +371,7 @@ class CloudStore:
         await self.order.applied(key, watermark)
         if fresh:
             self._wake(site_id)
-        outcomes["duplicate"] = len(pairs) - len(fresh)
+        outcomes["duplicate"] = len(batch.changes) - len(fresh)
         return wire.PushAck(watermark, head, outcomes, server_ms, hlc_now, tuple(segments))
 
     async def write(
@@ -368,8 +389,8 @@ class CloudStore:
                 Change(origin, head + i, table, pk, Op(op), dict(fields), head, self.clock.now())
                 for i, (table, pk, op, fields) in enumerate(writes, start=1)
             ]
-            pairs = self._validate(changes, Author.CLOUD)
-            applied = await self._apply(conn, site_id, pairs, head)
+            specs = self._validate(changes, Author.CLOUD)
+            applied = await self._apply(conn, site_id, specs, changes, head)
         self._wake(site_id)
         return applied.head
 
@@ -583,7 +604,7 @@ class CloudStore:
                     # A person may settle any table (hence its own author). A bare revival
                     # (no columns) only flips the row's existence: nothing to check.
                     validate_change(spec, change, spec.author)
-                applied = await self._apply(conn, site_id, [(spec, change)], head)
+                applied = await self._apply(conn, site_id, [spec], [change], head)
             resolution = {"choose": choice.value, "values": dict(write[1]) if write else {}}
             record = await conn.fetchrow(
                 "UPDATE conflicts SET resolved_at = now(), resolution = $3::jsonb,"

@@ -105,6 +105,44 @@ class Change:
         return (self.origin, self.seq)
 
 
+# A frozen dataclass sets each field through ``object.__setattr__``; the slots' own setters
+# do the same job at half the cost, which matters for a push of 5,000 changes.
+_new = object.__new__
+(_origin, _seq, _table, _pk, _op, _fields, _base, _hlc, _old) = (
+    Change.__dict__[name].__set__
+    for name in ("origin", "seq", "table", "pk", "op", "fields", "base", "hlc", "old")
+)
+
+
+def prechecked_change(
+    origin: str,
+    seq: int,
+    table: str,
+    pk: str,
+    op: Op,
+    fields: Values,
+    base: int,
+    hlc: int,
+    old: Values | None,
+) -> Change:
+    """A ``Change`` whose values the caller has checked exactly as ``__post_init__`` would.
+
+    For decoders that check a whole batch in one loop (``wire.decode_push``); anything else
+    builds ``Change(...)``.
+    """
+    change: Change = _new(Change)
+    _origin(change, origin)
+    _seq(change, seq)
+    _table(change, table)
+    _pk(change, pk)
+    _op(change, op)
+    _fields(change, fields)
+    _base(change, base)
+    _hlc(change, hlc)
+    _old(change, old)
+    return change
+
+
 @dataclass(frozen=True, slots=True)
 class RowState:
     """A row as the cloud holds it: values plus per-column versions."""

@@ -29,7 +29,17 @@ from typing import NamedTuple
 
 from .changes import Change, Conflict, Op, RowState, Value, Values, Version
 from .errors import ErrorCode, RemoteProtocolError
-from .schema import Author, Column, Merge, Strategy, TableSpec, TieBreak
+from .schema import (
+    INT64_MAX,
+    INT64_MIN,
+    Author,
+    Column,
+    Merge,
+    Registry,
+    Strategy,
+    TableSpec,
+    TieBreak,
+)
 
 
 class Decision(StrEnum):
@@ -146,6 +156,59 @@ def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
 _PLAIN = (str, int, bytes, type(None))  # bool is an int
 
 
+def validate_changes(
+    registry: Registry, changes: Iterable[Change], author: Author
+) -> list[TableSpec]:
+    """``validate_change`` for each change in order; returns each change's table spec.
+
+    A plain insert or update (every value None or exactly its column's type, no NUL in text,
+    integers in range, no ranked column, no ``old``) passes a quick check that makes the
+    same decisions in one loop; anything else gets the full ``validate_change``, so the
+    first refusal of a batch is the one a change-by-change loop raises.
+    """
+    known: dict[str, tuple[TableSpec, dict[str, type], bool]] = {}
+    specs: list[TableSpec] = []
+    append = specs.append
+    for change in changes:
+        entry = known.get(change.table)
+        if entry is None:
+            spec = registry.get(change.table)
+            authored = spec.author is Author.BOTH or spec.author is author
+            entry = known[change.table] = (spec, _plain_types(spec), authored)
+        spec, types, authored = entry
+        fields, op = change.fields, change.op
+        if not (
+            authored
+            and fields
+            and change.old is None
+            and (op is Op.INSERT or (op is Op.UPDATE and spec.immutable.isdisjoint(fields)))
+            and _plain_values(types, fields)
+        ):
+            validate_change(spec, change, author)
+        append(spec)
+    return specs
+
+
+def _plain_types(spec: TableSpec) -> dict[str, type]:
+    """Column name to Python type, for the columns whose check is the type and range alone."""
+    return {c.name: c.pytype for c in spec.columns if not c.rank_set}
+
+
+def _plain_values(types: Mapping[str, type], fields: Values) -> bool:
+    """Whether every value passes ``Column.check`` by a quick test (False: not certain)."""
+    for name, value in fields.items():
+        want = types.get(name)
+        if type(value) is want:
+            if want is str:
+                if "\x00" in value:  # type: ignore[operator]
+                    return False
+            elif want is int and not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                return False
+        elif value is not None or want is None:
+            return False
+    return True
+
+
 def _rank(column: Column, value: Value) -> int:
     return -1 if value is None else column.ranks.index(value)
 
@@ -167,14 +230,12 @@ def apply_local(
     """The row's values after a local write at the writer (no concurrency there)."""
     if op is Op.DELETE:
         return dict(current or {})
-    values: dict[str, Value] = dict(current if current is not None else spec.defaults)  # type: ignore[arg-type]
-    domain = spec.domain
-    if domain.keys().isdisjoint(fields):
-        values.update(fields)
-        return values
-    for name, value in fields.items():
-        column = domain.get(name)
-        values[name] = value if column is None else merge_domain(column, values.get(name), value)
+    before: Values = current if current is not None else spec.defaults  # type: ignore[assignment]
+    values = dict(before)
+    values.update(fields)
+    for name, column in spec.domain.items():  # a table has few domain columns, if any
+        if name in fields:
+            values[name] = merge_domain(column, before.get(name), fields[name])
     return values
 
 
@@ -206,16 +267,10 @@ def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev:
     decided like any LWW column. Column writes land even on a deleted row, so a later
     resurrection shows the same values whatever order the changes arrived in.
     """
-    new_version = Version(rev, change.hlc, change.origin)
     if current is None:
-        if change.op is Op.DELETE:
-            state = RowState(change.pk, initial_values(spec), new_version, {}, deleted=True)
-        else:
-            state = RowState(
-                change.pk, apply_local(spec, None, change.op, change.fields), new_version
-            )
-        return Outcome(OutcomeKind.APPLIED, state)
+        return Outcome(OutcomeKind.APPLIED, new_row(spec, change, rev))
 
+    new_version = Version(rev, change.hlc, change.origin)
     resolver = STRATEGIES[spec.strategy]
     row_level = spec.strategy in ROW_LEVEL
     row_concurrent = any(_concurrent(v, change) for v in _row_versions(current))
@@ -301,6 +356,14 @@ def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev:
     else:
         kind = OutcomeKind.APPLIED
     return Outcome(kind, state, conflict)
+
+
+def new_row(spec: TableSpec, change: Change, rev: int) -> RowState:
+    """The row ``change`` creates at revision ``rev`` where none exists (always ``APPLIED``)."""
+    version = Version(rev, change.hlc, change.origin)
+    if change.op is Op.DELETE:
+        return RowState(change.pk, initial_values(spec), version, {}, True)
+    return RowState(change.pk, apply_local(spec, None, change.op, change.fields), version, {})
 
 
 def _fv_except(spec: TableSpec, current: RowState, taken: Iterable[str]) -> dict[str, Version]:

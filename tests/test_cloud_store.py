@@ -4,6 +4,7 @@ every strategy on a concurrent edit, the manual queue, tenancy, feed paging and 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import given, settings
 
+from cloud import store as store_module
 from cloud.errors import CloudCode, CloudError
 from cloud.rows import pack_entry
 from cloud.schema import MIGRATIONS
@@ -20,7 +22,7 @@ from sync_protocol import checksum, wire
 from sync_protocol.changes import Change, FeedEntry, Op, RowState, Value, Version
 from sync_protocol.errors import ErrorCode, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
-from sync_protocol.merge import rebase
+from sync_protocol.merge import apply_change, rebase
 from sync_protocol.schema import Author, Column, ColumnType, Registry, Strategy, TableSpec
 
 from .model import ModelCloud, ModelEdge
@@ -583,6 +585,94 @@ def test_the_feed_holds_one_entry_per_touched_row_at_its_last_change(pg_database
     run(pg_database, body)
 
 
+@pytest.mark.parametrize("assume_new_min", [0, 10**9], ids=["assumed-new", "looked-up"])
+def test_rows_new_to_the_cloud_are_stored_and_published_as_the_merge_rules_make_them(
+    pg_database: str, assume_new_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest keeps rows nobody has written yet aside from the merges (the bulk of a
+    catch-up) and may take rows only inserts touch to be new without looking: their rows,
+    feed entries (to the byte), echo marks and outcomes must still be what ``apply_change``
+    makes, also when the batch touches them again or one of them exists after all."""
+    monkeypatch.setattr(store_module, "ASSUME_NEW_MIN", assume_new_min)
+
+    async def body(store: CloudStore) -> None:
+        store.clock = HybridClock(now_ms=lambda: 0)  # the model's logical clock stands in
+        site, node = await new_site(store)
+        model = ModelCloud(REGISTRY)
+        echo: dict[int, tuple[str | None, int | None]] = {}
+
+        async def both(changes: list[Change]) -> None:
+            stored, first_rev = set(model.rows), model.head + 1
+            kinds: Counter[str] = Counter()
+            states = dict(model.rows)
+            for rev, c in enumerate(changes, first_rev):
+                key = (c.table, c.pk)
+                outcome = apply_change(REGISTRY.get(c.table), states.get(key), c, rev)
+                states[key] = outcome.state
+                kinds[outcome.kind.value] += 1
+                # a row this node's push created echoes it: it need not pull it back
+                echo[rev] = (None, None) if key in stored else (node, c.seq)
+            model.ingest(node, changes)
+            ack = await push(store, site, node, changes)
+            assert (ack.head, ack.acked_through) == (model.head, changes[-1].seq)
+            assert {k: v for k, v in ack.outcomes.items() if v} == dict(kinds)
+
+        await both(
+            [
+                change(node, 1, "menu_items", "m-old", Op.INSERT, {"name": "Soup"}),
+                change(node, 2, "stock_levels", "s-old", Op.INSERT, {"on_hand": 10}),
+                change(node, 3, "menu_items", "m-gone", Op.INSERT, {"name": "Flan"}),
+                change(node, 4, "menu_items", "m-gone", Op.DELETE, {}),
+            ]
+        )
+        model.write("menu_items", "m-old", Op.UPDATE, {"price_pence": 300})
+        store.clock.last = model.clock - 1
+        await store.write(site, [("menu_items", "m-old", Op.UPDATE, {"price_pence": 300})])
+        echo[model.head] = (None, None)
+        await both(
+            [
+                line(node, 5, "l1"),
+                change(node, 6, "menu_items", "m1", Op.INSERT, {"name": "Pie", "price_pence": 4}),
+                change(node, 7, "menu_items", "m1", Op.UPDATE, {"price_pence": 5}),
+                change(node, 8, "menu_items", "m1", Op.DELETE, {}),
+                change(node, 9, "menu_items", "m2", Op.INSERT, {"name": "Tart"}),
+                change(node, 10, "menu_items", "m2", Op.INSERT, {"available": False}),
+                change(node, 11, "menu_items", "m9", Op.DELETE, {}),
+                change(node, 12, "stock_levels", "s-old", Op.UPDATE, {"on_hand": -3}),
+                change(node, 13, "stock_levels", "s1", Op.INSERT, {"on_hand": 5, "unit": "kg"}),
+                change(node, 14, "stock_levels", "s1", Op.UPDATE, {"on_hand": -2}),
+                change(node, 15, "orders", "o1", Op.INSERT, {"check_number": 1, "status": "fired"}),
+                change(node, 16, "menu_items", "m-old", Op.UPDATE, {"price_pence": 350}, base=0),
+                change(node, 17, "menu_items", "m3", Op.UPDATE, {"name": "Cake"}),
+                line(node, 18, "l2", voided=True, notes=None),
+            ]
+        )
+        # inserts only, but two of the rows exist already (one of them deleted)
+        await both(
+            [
+                line(node, 19, "l3"),
+                change(node, 20, "menu_items", "m-gone", Op.INSERT, {"name": "Flan 2"}),
+                change(node, 21, "menu_items", "m-old", Op.INSERT, {"station": "bar"}),
+                line(node, 22, "l4"),
+            ]
+        )
+
+        async with store.pool.acquire() as conn:
+            for (table, pk), state in model.rows.items():
+                assert (await store.io[table].load(conn, site, [pk]))[pk] == state
+        feed = await store.pool.fetch(
+            "SELECT rev, tbl, pk, entry, echo_of, echo_seq FROM feed WHERE site_id = $1"
+            " ORDER BY rev",
+            site,
+        )
+        assert [tuple(r) for r in feed] == [
+            (rev, table, state.pk, wire.pack_entry(FeedEntry(rev, table, state)), *echo[rev])
+            for rev, table, state in sorted(model.feed, key=lambda e: e[0])
+        ]
+
+    run(pg_database, body)
+
+
 def test_checksums_match_a_recomputation_and_an_edge_replaying_the_feed(pg_database: str) -> None:
     async def body(store: CloudStore) -> None:
         site, node = await new_site(store)
@@ -852,8 +942,13 @@ async def _same_as_model(dsn: str, registry: Registry, scenario: list[Step]) -> 
         ]
 
 
+@pytest.mark.parametrize("assume_new_min", [store_module.ASSUME_NEW_MIN, 0])
 @pytest.mark.parametrize("strategy", list(Strategy))
-def test_the_store_agrees_with_the_reference_model(pg_database: str, strategy: Strategy) -> None:
+def test_the_store_agrees_with_the_reference_model(
+    pg_database: str, strategy: Strategy, assume_new_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with 0, every insert takes its row to be new and falls back when it is not
+    monkeypatch.setattr(store_module, "ASSUME_NEW_MIN", assume_new_min)
     registry = REGISTRY.with_strategies({name: strategy for name in REGISTRY.names()})
 
     @settings(max_examples=20, deadline=None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,8 +24,8 @@ from sync_protocol import (
     apply_change,
     validate_change,
 )
-from sync_protocol.merge import STRATEGIES
-from sync_protocol.schema import Registry, TieBreak
+from sync_protocol.merge import STRATEGIES, validate_changes
+from sync_protocol.schema import Column, ColumnType, Registry, TableSpec, TieBreak
 
 REG = default_registry()
 ORDERS = REG.get("orders")
@@ -255,3 +257,69 @@ def test_smart_merge_is_deterministic_and_order_independent(changes: list[Change
         live = None if state.deleted else tuple(sorted(state.values.items(), key=str))
         results.add(live)
     assert len(results) == 1, results
+
+
+# -- the bulk validation of a batch agrees with the change-by-change one -------------------------
+
+PRICE_LISTS = TableSpec("price_lists", (Column("name", ColumnType.TEXT),), author=Author.CLOUD)
+BATCH_REGISTRY = Registry([*REG, PRICE_LISTS])
+GOOD_FIELDS: dict[str, dict[str, Any]] = {
+    "order_lines": {"order_id": "o1", "item_id": "i1", "name": "Soup", "quantity": 2},
+    "orders": {"check_number": 4, "table_name": "T1", "covers": 2, "status": "fired"},
+    "stock_levels": {"on_hand": -1, "unit": "each"},
+    "menu_items": {"name": "Pie", "price_pence": 450, "available": True, "station": None},
+    "price_lists": {"name": "Lunch"},
+}
+ODD: st.SearchStrategy[Any] = st.sampled_from(
+    [None, True, 0, -(2**63), 2**63 - 1, 2**63, "", "a\x00b", "a\x00b", "eaten", "paid", b"b", [1]]
+)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[Change]:
+    """Changes to every kind of table, mostly plain inserts, some with one odd op, column,
+    value or old value."""
+    out = []
+    for seq in range(1, draw(st.integers(1, 6)) + 1):
+        table = draw(st.sampled_from([*GOOD_FIELDS, "order_lines", "order_lines", "payroll"]))
+        fields: dict[str, Any] = dict(GOOD_FIELDS.get(table, {"x": 1}))
+        op = draw(st.sampled_from([Op.INSERT] * 6 + [Op.UPDATE, Op.DELETE]))
+        old: dict[str, Any] | None = None
+        what = draw(st.sampled_from(["none", "none", "value", "value", "column", "drop", "old"]))
+        name = draw(st.sampled_from([*fields, *fields, "voided", "price_pence", "tip"]))
+        if what == "value":
+            fields[name] = draw(ODD)
+        elif what == "column":
+            fields[draw(st.sampled_from(["tip", "id", "_rev"]))] = 1
+        elif what == "drop":
+            fields.pop(name, None)
+        elif what == "old":
+            old = {name: draw(ODD)}
+        if op is Op.DELETE:
+            fields = {}
+        out.append(Change("edge-a", seq, table, f"r{seq % 3}", op, fields, 0, seq, old))
+    return out
+
+
+def _one_by_one(changes: list[Change], author: Author) -> list[TableSpec]:
+    specs = []
+    for change in changes:
+        spec = BATCH_REGISTRY.get(change.table)
+        validate_change(spec, change, author)
+        specs.append(spec)
+    return specs
+
+
+@settings(max_examples=500)
+@given(batches(), st.sampled_from([Author.EDGE, Author.CLOUD]))
+def test_validate_changes_refuses_exactly_what_validate_change_refuses(
+    changes: list[Change], author: Author
+) -> None:
+    def outcome(check: Callable[[], list[TableSpec]]) -> object:
+        try:
+            return check()
+        except RemoteProtocolError as exc:
+            return (exc.code, exc.message)
+
+    want = outcome(lambda: _one_by_one(changes, author))
+    assert outcome(lambda: validate_changes(BATCH_REGISTRY, changes, author)) == want

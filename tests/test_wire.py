@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync_protocol import Change, ErrorCode, FeedEntry, Op, RemoteProtocolError, RowState, Version
@@ -16,6 +17,7 @@ from sync_protocol.wire import (
     PROTOCOL_VERSION,
     Limits,
     PushAck,
+    change_row,
     decode_ack,
     decode_error,
     decode_pull,
@@ -236,3 +238,83 @@ def test_change_rows_are_checked() -> None:
         {"first": 1, "last": 1, "changes": [[1, "orders", "o", 3, {"a": 1}, 0, 5, None]]}
     )
     assert _code(delete_with_fields) is ErrorCode.INVALID_CHANGE
+
+
+# -- the bulk checks of a push agree with the change-by-change ones ---------------------------
+
+#: values that break one rule or another wherever they land in a change row
+ODD_VALUES: st.SearchStrategy[object] = st.sampled_from(
+    [None, True, False, 0, -1, 1.0, 2**63, 2**64 - 1, "", "x" * 129, "a\x00b", b"pk", [1], {}]
+)
+
+
+@st.composite
+def push_rows(draw: st.DrawFn) -> tuple[str, int, int, list[object]]:
+    """A push payload's (node, first, last, rows), often with one or two odd items in it."""
+    changes = draw(change_runs())
+    rows: list[object] = [change_row(c) for c in changes]
+    first, last = changes[0].seq, changes[-1].seq
+    for _ in range(draw(st.integers(0, 2))):
+        index = draw(st.integers(0, len(rows) - 1))
+        kind = draw(st.sampled_from(["item", "shape", "seq"]))
+        row = change_row(changes[index])
+        if kind == "item":
+            row[draw(st.integers(0, 7))] = draw(ODD_VALUES)
+            rows[index] = row
+        elif kind == "shape":
+            rows[index] = draw(st.sampled_from([row[:7], [*row, None], tuple(row), "row"]))
+        else:
+            row[0] = draw(st.sampled_from([row[0] + 1, row[0] - 1, 0, -5, 2**63]))
+            rows[index] = row
+    node = draw(st.sampled_from([changes[0].origin, changes[0].origin, "", "n\x00de"]))
+    return node, first, last, rows
+
+
+def _decode_one_by_one(node: str, first: int, last: int, rows: list[Any]) -> list[Change]:
+    """The push rules change by change, as ``decode_push`` must apply them (the reference)."""
+    changes: list[Change] = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 8:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"change {index} is not an 8-item row")
+        seq, table, pk, op, fields, base, hlc, old = row
+        if seq != first + index:
+            raise RemoteProtocolError(ErrorCode.SEQUENCE_GAP, "gap")
+        if type(op) is not int or op not in (1, 2, 3):
+            raise RemoteProtocolError(ErrorCode.INVALID_CHANGE, f"unknown op {op!r}")
+        changes.append(Change(node, seq, table, pk, Op(op), fields, base, hlc, old))
+    if last != first + len(rows) - 1:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "last")
+    return changes
+
+
+@settings(max_examples=500)
+@given(push_rows())
+def test_decode_push_refuses_exactly_what_the_rules_refuse(
+    payload: tuple[str, int, int, list[object]],
+) -> None:
+    node, first, last, rows = payload
+    body = msgpack.packb({"first": first, "last": last, "changes": rows}, use_bin_type=True)
+    frame = _repack(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": "push",
+            "site": "s",
+            "node": node,
+            "codec": "none",
+            "sha256": hashlib.sha256(body).digest(),
+            "body": body,
+        }
+    )
+    try:
+        want: list[Change] | ErrorCode = _decode_one_by_one(
+            node, first, last, msgpack.unpackb(body, raw=False)["changes"]
+        )
+    except RemoteProtocolError as exc:
+        want = exc.code
+    try:
+        got: list[Change] | ErrorCode = decode_push(frame).changes
+    except RemoteProtocolError as exc:
+        got = exc.code
+    assert got == want
+    if isinstance(got, list):
+        assert all(type(c) is Change for c in got)
