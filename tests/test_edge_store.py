@@ -744,3 +744,18 @@ def test_order_reads_use_their_indexes(tmp_path: Path) -> None:
             assert index in plan, (sql, plan)
 
     run(body)
+
+
+def test_the_audit_chain_head_is_found_through_the_primary_key(tmp_path: Path) -> None:
+    from edge.api.audit import node_range
+
+    async def body() -> None:
+        async with await open_store(tmp_path):
+            pass
+        sql = "SELECT position FROM audit_log WHERE id >= ? AND id < ? ORDER BY id DESC LIMIT 1"
+        plan = " ".join(
+            str(r[-1]) for r in raw(tmp_path, f"EXPLAIN QUERY PLAN {sql}", node_range("n"))
+        )
+        assert "SCAN" not in plan and "SEARCH audit_log" in plan, plan
+
+    run(body)

@@ -31,6 +31,12 @@ REDACTED = frozenset({"pin_hash"})
 _FIELDS = ("position", "at_ms", "employee_id", "device_id", "action", "detail")
 
 
+def node_range(node_id: str) -> tuple[str, str]:
+    """Bounds of this node's entry ids, ``[node:, node;)``: a range the primary key index
+    answers directly (a ``LIKE 'node:%'`` scans the table on every mutation)."""
+    return f"{node_id}:", f"{node_id};"
+
+
 def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
     """The hash of an entry given the previous entry's hash."""
     body = json.dumps(
@@ -56,8 +62,8 @@ def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) 
     if approved_by is not None:
         detail["approved_by"] = approved_by
     head = tx.one(
-        "SELECT position, hash FROM audit_log WHERE id LIKE ? ORDER BY id DESC LIMIT 1",
-        (f"{tx.node_id}:%",),
+        "SELECT position, hash FROM audit_log WHERE id >= ? AND id < ? ORDER BY id DESC LIMIT 1",
+        node_range(tx.node_id),
     )
     position, prev_hash = (int(head[0]) + 1, str(head[1])) if head else (1, GENESIS)
     entry: dict[str, Any] = {

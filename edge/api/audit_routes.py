@@ -87,8 +87,8 @@ async def list_audit(ctx: Ctx) -> AuditPage:
 async def verify_audit(ctx: Ctx) -> ChainCheck:
     """Walk the whole chain and say whether every entry checks out."""
     rows = await ctx.store.query(
-        f"SELECT {_COLUMNS} FROM audit_log WHERE id LIKE ? ORDER BY id",
-        (f"{ctx.store.node_id}:%",),
+        f"SELECT {_COLUMNS} FROM audit_log WHERE id >= ? AND id < ? ORDER BY id",
+        audit.node_range(ctx.store.node_id),
     )
     names = _COLUMNS.split(", ")
     verdict = audit.verify(dict(zip(names, row, strict=True)) for row in rows)
