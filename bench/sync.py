@@ -36,6 +36,11 @@ What is measured.
     delay of the edge's event loop in running the notification callback (its lag is
     reported too: the watcher shares the loop with the edge, as a tablet's request would).
 (c, online) local write: the ``store.write`` latencies of (b), with the uplink running.
+(c) baselines for it, same rate, same run: the store with no uplink, and the machine's floor,
+    one-row commits on a bare sqlite3 connection (WAL, synchronous FULL, one thread). Paced
+    writes are slower than back-to-back ones at the tail because the idle threads (and the
+    fsync's completion) must be woken each time; these two lines show how much of the online
+    figure is that, and how much is the uplink's.
 
 Other work on the machine competes for the same cores, so each phase also reports the
 core-seconds used by the benchmark's processes (this one, the cloud, the throwaway Postgres)

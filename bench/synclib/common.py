@@ -137,6 +137,8 @@ class Results:
     loop_lag_ms: dict[str, float] = field(default_factory=dict)
     local_online_ms: dict[str, float] = field(default_factory=dict)
     local_offline_ms: dict[str, float] = field(default_factory=dict)
+    local_paced_ms: dict[str, float] = field(default_factory=dict)
+    sqlite_floor_ms: dict[str, float] = field(default_factory=dict)
     postgres: str = ""
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)

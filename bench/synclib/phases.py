@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,56 @@ async def offline_local_writes(path: Path, device: Device, count: int) -> dict[s
             started = now()
             await store.write(*write)
             latencies.append(now() - started)
+    return summary_ms(latencies)
+
+
+async def paced_local_writes(
+    path: Path, device: Device, count: int, rate: float
+) -> dict[str, float]:
+    """``store.write`` latency at ``rate`` per second with no uplink: what pacing alone costs.
+
+    Between paced writes the threads involved go idle, and waking them (and the fsync's
+    completion) costs more than back to back; this separates that from the uplink's share.
+    """
+    async with await EdgeStore.open(
+        path, default_registry(), device.site_id, device.node_id
+    ) as store:
+        await store.write_many(stock_rows())
+        mix, latencies, began = Mix("pl"), [], now()
+        for i in range(count):
+            delay = began + i / rate - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            write, _expect = mix.next()
+            started = now()
+            await store.write(*write)
+            latencies.append(now() - started)
+    return summary_ms(latencies)
+
+
+def bare_sqlite_floor(path: Path, count: int, rate: float) -> dict[str, float]:
+    """The machine's floor: one-row commits on a bare sqlite3 connection at ``rate``.
+
+    Same pragmas as the store (WAL, synchronous FULL), one thread, no event loop, no outbox:
+    no write through the store can be faster than this on this machine.
+    """
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE floor (id TEXT PRIMARY KEY, qty INTEGER, at_ms INTEGER)")
+        latencies, began = [], now()
+        for i in range(count):
+            delay = began + i / rate - now()
+            if delay > 0:
+                time.sleep(delay)
+            started = now()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO floor VALUES (?, ?, ?)", (f"f-{i:07d}", i, i))
+            conn.execute("COMMIT")
+            latencies.append(now() - started)
+    finally:
+        conn.close()
     return summary_ms(latencies)
 
 
@@ -242,6 +293,19 @@ async def run(options: Options, dsn: str, workdir: Path, pg_data: Path | None) -
         print(f"(c) offline local writes: {options.offline_writes} on a fresh store", flush=True)
         results.local_offline_ms = await offline_local_writes(
             workdir / "offline.sqlite", device, options.offline_writes
+        )
+
+        baseline = min(options.offline_writes, 1000)
+        print(
+            f"(c) baselines: {baseline} paced writes at {options.rate:g}/s, store without uplink"
+            " and bare sqlite3",
+            flush=True,
+        )
+        results.local_paced_ms = await paced_local_writes(
+            workdir / "paced.sqlite", device, baseline, options.rate
+        )
+        results.sqlite_floor_ms = await asyncio.to_thread(
+            bare_sqlite_floor, workdir / "floor.sqlite", baseline, options.rate
         )
 
         store = await EdgeStore.open(

@@ -92,6 +92,8 @@ def report(options: Options, r: Results) -> dict[str, Any]:
         "local_write_p99_ms": local_p99,
         "local_write_online": r.local_online_ms,
         "local_write_offline": r.local_offline_ms,
+        "local_write_paced_no_uplink": r.local_paced_ms,
+        "bare_sqlite_commit_paced": r.sqlite_floor_ms,
         "cpu": r.cpu,
         "code": code_version(),
         "machine": {
@@ -139,6 +141,8 @@ def print_table(summary: dict[str, Any]) -> None:
         ("  edge event-loop lag", spread(s["live_edge_loop_lag_ms"]), ""),
         ("local write, online", spread(on), ""),
         ("local write, offline", spread(off), ""),
+        ("  baseline: paced, no uplink", spread(s["local_write_paced_no_uplink"]), ""),
+        ("  floor: bare sqlite3, paced", spread(s["bare_sqlite_commit_paced"]), ""),
         (
             "local write, worse of both",
             f"p99 {s['local_write_p99_ms']} ms",
