@@ -11,6 +11,11 @@ neither can lose the other's; the store's single writer runs them one after the 
   (or a manager's approval lends) before the transaction and passes in as ``may_void_sent``.
   A fired line's void records who approved it: the lending manager, or the employee who
   holds ``order.void_sent`` themself.
+* ``void_order`` voids the whole check: each line still live is voided exactly as
+  ``void_line`` would (one change per line, the same reason for all), then the order moves
+  to ``voided`` through the transition table. If any live line was fired, the route must
+  have passed ``may_void_sent`` (as for a single fired line); lines voided before are left
+  as they are.
 * ``move_lines`` voids each line in its order (reason ``"moved"``) and adds a copy to the
   other order with ``moved_from`` naming the original; a fired line stays fired (and the
   receiving order becomes fired if it was only open). A move is not waste, so it needs
@@ -33,7 +38,7 @@ from .errors import ApiCode, ApiError, not_found
 from .fields import Course, Id, Quantity, Reason, Seat, Text
 from .menu import price_line
 from .order_views import OrderView
-from .orders import load, move, require_editable, status_of, view
+from .orders import load, move, require_editable, require_move, status_of, view
 from .rows import as_bool, as_str
 from .tx import Tx
 
@@ -65,6 +70,12 @@ class NewLines(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class VoidLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Why a line is voided."""
+
+    reason: Reason
+
+
+class VoidOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Why the whole check is voided (the reason every line is voided with)."""
 
     reason: Reason
 
@@ -153,15 +164,35 @@ def void_line(
     line = _live_line(tx, order_id, line_id)
     fired = as_bool(line, "fired", False)
     if fired and not may_void_sent:
-        raise ApiError(
-            ApiCode.APPROVAL_REQUIRED,
-            "the line was sent to the kitchen: voiding it needs a manager's approval",
-            permission="order.void_sent",
-        )
-    fields: dict[str, Value] = {"voided": True, "void_reason": reason, "voided_by": voided_by}
-    if fired:
-        fields["void_approved_by"] = approved_by or voided_by
-    tx.write("order_lines", line_id, Op.UPDATE, fields)
+        raise _approval_required("the line was sent to the kitchen")
+    tx.write("order_lines", line_id, Op.UPDATE, _void(reason, voided_by, fired, approved_by))
+    return view(tx, order_id)
+
+
+def sent_lines_live(order: OrderView) -> bool:
+    """Whether any line of ``order`` not voided yet was sent to the kitchen."""
+    return any(line.fired and not line.voided for line in order.lines)
+
+
+def void_order(
+    tx: Tx,
+    order_id: str,
+    reason: str,
+    voided_by: str,
+    may_void_sent: bool,
+    approved_by: str | None,
+) -> OrderView:
+    """Void every live line and the order; fired lines only when ``may_void_sent``."""
+    order = load(tx, order_id)
+    require_move(order, OrderStatus.VOIDED)
+    current = view(tx, order_id)
+    if sent_lines_live(current) and not may_void_sent:
+        raise _approval_required("lines of the order were sent to the kitchen")
+    for line in current.lines:
+        if not line.voided:
+            fields = _void(reason, voided_by, line.fired, approved_by)
+            tx.write("order_lines", line.id, Op.UPDATE, fields)
+    move(tx, order, OrderStatus.VOIDED, closed_at_ms=tx.now_ms)
     return view(tx, order_id)
 
 
@@ -192,6 +223,22 @@ def move_lines(tx: Tx, order_id: str, body: MoveLines, moved_by: str, new_id: Ne
     if any_fired and status_of(target) is OrderStatus.OPEN:
         move(tx, target, OrderStatus.FIRED)
     return LinesMoved(view(tx, order_id), view(tx, target["id"]))
+
+
+def _void(reason: str, voided_by: str, fired: bool, approved_by: str | None) -> dict[str, Value]:
+    """A line's void change; a fired line's names who approved it."""
+    fields: dict[str, Value] = {"voided": True, "void_reason": reason, "voided_by": voided_by}
+    if fired:
+        fields["void_approved_by"] = approved_by or voided_by
+    return fields
+
+
+def _approval_required(why: str) -> ApiError:
+    return ApiError(
+        ApiCode.APPROVAL_REQUIRED,
+        f"{why}: voiding needs a manager's approval",
+        permission="order.void_sent",
+    )
 
 
 def _live_line(tx: Tx, order_id: str, line_id: str) -> dict[str, Any]:

@@ -18,6 +18,10 @@ Closing. Payments do not exist yet: an order closes from ``paid``, or straight f
 fired when nothing is left to pay (every line voided, or no lines at all). Any other close
 is ``409 invalid_transition`` saying what is still due.
 
+Voiding. A whole check is voided from open or fired (``order_lines.void_order``): each line
+still live is voided, then the order moves to ``voided`` with ``closed_at_ms``. Voided is
+terminal like closed; a paid, closed or voided order cannot be voided.
+
 Header edits. ``edit_header`` and ``transfer`` take the ``If-Match`` version the tablet read
 (``order_views.header_version``); a different current version is ``409 stale_version`` with
 the current order in ``details.current``. Without ``If-Match`` the last write wins.
@@ -126,8 +130,8 @@ def require_editable(order: dict[str, Any], action: str) -> None:
         )
 
 
-def move(tx: Tx, order: dict[str, Any], target: OrderStatus, **fields: Value) -> None:
-    """Move an order to ``target`` if the transition table allows it (with other fields)."""
+def require_move(order: dict[str, Any], target: OrderStatus) -> None:
+    """Refuse (``invalid_transition``) unless the table lets the order go to ``target``."""
     current = status_of(order)
     if not can_move(current, target):
         between: dict[str, object] = {"from": str(current), "to": str(target)}
@@ -137,6 +141,11 @@ def move(tx: Tx, order: dict[str, Any], target: OrderStatus, **fields: Value) ->
             order_id=order["id"],
             **between,
         )
+
+
+def move(tx: Tx, order: dict[str, Any], target: OrderStatus, **fields: Value) -> None:
+    """Move an order to ``target`` if the transition table allows it (with other fields)."""
+    require_move(order, target)
     tx.write("orders", order["id"], Op.UPDATE, {"status": target.value, **fields})
 
 

@@ -3,7 +3,8 @@
 ``ORDER_TRANSITIONS`` is the one table that the edge's order code, the tests and the docs
 read. Closing straight from ``open`` or ``fired`` is for a check with nothing to pay (every
 line voided, or none at all); the edge refuses it otherwise, until payments move the order to
-``paid``.
+``paid``. ``voided`` ends a check abandoned as a whole (every line is voided with it), and
+only from ``open`` or ``fired``: a paid check is never voided.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 import jsonschema
 import pytest
 
+from edge import order_lines
 from edge.api.auth import grant_approval
+from edge.errors import ApiCode, ApiError
 from edge.orders import DAY_STARTS_AT, business_day
-from shared.orders import ORDER_TRANSITIONS, OrderStatus
+from shared.orders import EDITABLE, ORDER_TRANSITIONS, OrderStatus
 from sync_protocol.changes import Op
 
 from .api_harness import Edge, Tablet, running_edge, seed_modifiers
@@ -191,8 +193,16 @@ def test_an_order_with_nothing_to_pay_closes_and_status_moves_only_forward(
 
 def test_the_transition_table_only_moves_forward() -> None:
     ranks = {status: n for n, status in enumerate(OrderStatus)}
+    assert set(ORDER_TRANSITIONS) == set(OrderStatus)
     for current, targets in ORDER_TRANSITIONS.items():
         assert all(ranks[t] > ranks[current] for t in targets), current
+
+
+def test_only_a_running_order_can_be_voided_and_a_voided_one_goes_nowhere() -> None:
+    into_voided = {s for s, targets in ORDER_TRANSITIONS.items() if OrderStatus.VOIDED in targets}
+    assert into_voided == {OrderStatus.OPEN, OrderStatus.FIRED} == EDITABLE
+    assert ORDER_TRANSITIONS[OrderStatus.VOIDED] == frozenset()
+    assert OrderStatus.VOIDED not in EDITABLE
 
 
 # -- check numbers ---------------------------------------------------------------------------
@@ -536,6 +546,294 @@ def test_voids_before_and_after_fire_with_and_without_approval(tmp_path: Path) -
     run(body, tmp_path)
 
 
+# -- voiding the whole order -----------------------------------------------------------------
+
+
+def void_path(order_id: str) -> str:
+    return f"{ORDERS}/{order_id}/void"
+
+
+def new_changes(edge: Edge, after_seq: int) -> list[tuple[str, str, int]]:
+    """The synced changes written after outbox ``after_seq``: (table, row, op), audit aside."""
+    return edge.sql(
+        "SELECT tbl, pk, op FROM outbox WHERE seq > ? AND tbl != 'audit_log' ORDER BY seq",
+        (after_seq,),
+    )
+
+
+def outbox_head(edge: Edge) -> int:
+    return int(edge.sql("SELECT coalesce(max(seq), 0) FROM outbox")[0][0])
+
+
+def test_voiding_an_open_order_voids_each_live_line_and_ends_the_order(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        order = await open_order(edge, till, table="T6")
+        oid = order["id"]
+        got, added, _ = await edge.call(
+            "POST", f"{ORDERS}/{oid}/lines/batch", till.headers("sam"),
+            json={"lines": [{"item_id": "soup", "quantity": 2},
+                            {"item_id": "steak", "modifiers": ["rare"]}, {"item_id": "ipa"}]},
+        )  # fmt: skip
+        assert got == 201
+        soup, steak, ipa = added["line_ids"]
+        got, _, _ = await edge.call(
+            "POST", f"{ORDERS}/{oid}/lines/{ipa}/void", till.headers("sam"),
+            json={"reason": "spilt"},
+        )  # fmt: skip
+        assert got == 200
+        head = outbox_head(edge)
+        got, voided, _ = await edge.call(
+            "POST", void_path(oid), till.headers("sam"), json={"reason": "guests left"}
+        )
+        assert got == 200, voided
+        assert voided["status"] == "voided" and voided["closed_at_ms"] is not None
+        assert voided["closed_at_ms"] >= order["opened_at_ms"]
+        assert voided["totals"] == {
+            "subtotal_pence": 0, "total_pence": 0, "voided_pence": 900 + 2200 + 550,
+            "line_count": 0, "item_count": 0,
+        }  # fmt: skip
+        voids = {x["id"]: (x["voided"], x["void_reason"], x["voided_by"], x["void_approved_by"])
+                 for x in voided["lines"]}  # fmt: skip
+        assert voids == {
+            soup: (True, "guests left", "sam", None),
+            steak: (True, "guests left", "sam", None),
+            ipa: (True, "spilt", "sam", None),  # voided before: left as it was
+        }
+        # One change per line still live, then the order's move: nothing else.
+        assert new_changes(edge, head) == [
+            ("order_lines", soup, Op.UPDATE), ("order_lines", steak, Op.UPDATE),
+            ("orders", oid, Op.UPDATE),
+        ]  # fmt: skip
+        assert edge.sql("SELECT status, closed_at_ms FROM orders WHERE id = ?", (oid,)) == [
+            ("voided", voided["closed_at_ms"])
+        ]
+        # The audit entry names the action, who, and every row it changed.
+        ((action, who, detail),) = edge.sql(
+            "SELECT action, employee_id, detail FROM audit_log ORDER BY position DESC LIMIT 1"
+        )
+        assert (action, who) == ("void_order", "sam")
+        changed = {(c["table"], c["id"]): c for c in json.loads(detail)["changes"]}
+        assert sorted(changed) == sorted([("order_lines", soup), ("order_lines", steak),
+                                          ("orders", oid)])  # fmt: skip
+        assert changed[("orders", oid)]["after"]["status"] == "voided"
+        assert changed[("order_lines", soup)]["after"]["void_reason"] == "guests left"
+        assert "approved_by" not in json.loads(detail)
+        # The tablets read it as voided, and list it under that status.
+        got, read, _ = await edge.call("GET", f"{ORDERS}/{oid}", till.headers("kai"))
+        assert read == voided
+        got, listed, _ = await edge.call("GET", f"{ORDERS}?status=voided", till.headers("sam"))
+        assert [o["id"] for o in listed["orders"]] == [oid]
+
+    run(body, tmp_path)
+
+
+def test_a_voided_order_is_terminal(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        got, voided, _ = await edge.call(
+            "POST", void_path(oid), till.headers("sam"), json={"reason": "opened by mistake"}
+        )
+        assert got == 200 and voided["status"] == "voided" and voided["lines"] == []
+        before = state(edge)
+        got, again, _ = await edge.call(
+            "POST", void_path(oid), till.headers("mia"), json={"reason": "twice"}
+        )
+        assert (got, code(again)) == (409, "invalid_transition")
+        assert again["error"]["details"] == {"order_id": oid, "from": "voided", "to": "voided"}
+        for method, path, payload in [
+            ("POST", f"{ORDERS}/{oid}/close", None),
+            ("POST", f"{ORDERS}/{oid}/lines", {"item_id": "soup"}),
+            ("POST", f"{ORDERS}/{oid}/fire", {}),
+            ("PATCH", f"{ORDERS}/{oid}", {"covers": 1}),
+        ]:
+            got, answer, _ = await edge.call(method, path, till.headers("sam"), json=payload)
+            assert (got, code(answer)) == (409, "invalid_transition"), path
+        assert state(edge) == before
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("status", ["closed", "paid"])
+def test_a_closed_or_paid_order_cannot_be_voided_and_nothing_changes(
+    tmp_path: Path, status: str
+) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        got, added = await add_line(edge, till, oid, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{oid}/fire", till.headers("sam"), json={})
+        if status == "closed":  # a fired line voided by the manager: nothing left to pay
+            (line_id,) = added["line_ids"]
+            got, _, _ = await edge.call(
+                "POST", f"{ORDERS}/{oid}/lines/{line_id}/void", till.headers("mia"),
+                json={"reason": "cold"},
+            )  # fmt: skip
+            got, _, _ = await edge.call("POST", f"{ORDERS}/{oid}/close", till.headers("sam"))
+        else:  # payments do not exist yet: the status they will set
+            await edge.store.write("orders", oid, Op.UPDATE, {"status": "paid"})
+        assert edge.sql("SELECT status FROM orders") == [(status,)]
+        _, approval, _ = await edge.store.transaction(
+            lambda tx: grant_approval(tx, "mia", till.device_id)
+        )
+        before = state(edge)
+        # Neither a server (even with a manager's approval, which stays unspent) nor the
+        # manager herself: the order is refused for what it is, not for who asks.
+        for headers in (
+            till.headers("sam"),
+            till.headers("sam", **{"X-Fynlo-Approval": approval}),
+            till.headers("mia"),
+        ):
+            got, refused, _ = await edge.call(
+                "POST", void_path(oid), headers, json={"reason": "wrong table"}
+            )
+            assert (got, code(refused)) == (409, "invalid_transition"), refused
+            assert refused["error"]["details"] == {"order_id": oid, "from": status,
+                                                   "to": "voided"}  # fmt: skip
+        assert state(edge) == before
+
+    run(body, tmp_path)
+
+
+def test_voiding_an_order_with_fired_lines_needs_a_managers_approval(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        _, soup = await add_line(edge, till, oid, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{oid}/fire", till.headers("sam"), json={})
+        _, steak = await add_line(edge, till, oid, item_id="steak", modifiers=["rare"], course=2)
+        fired_id, unsent_id = soup["line_ids"][0], steak["line_ids"][0]
+        why = {"reason": "table walked out"}
+        before = state(edge)
+        for who in ("sam", "bo"):  # servers and bartenders void lines, not sent ones
+            got, refused, _ = await edge.call("POST", void_path(oid), till.headers(who), json=why)
+            assert (got, code(refused)) == (403, "manager_approval_required"), who
+            assert refused["error"]["details"] == {"permission": "order.void_sent"}
+        assert state(edge) == before
+        _, approval, _ = await edge.store.transaction(
+            lambda tx: grant_approval(tx, "mia", till.device_id)
+        )
+        approved = till.headers("sam", **{"X-Fynlo-Approval": approval})
+        got, voided, _ = await edge.call("POST", void_path(oid), approved, json=why)
+        assert got == 200 and voided["status"] == "voided"
+        voids = {x["id"]: (x["voided"], x["voided_by"], x["void_approved_by"])
+                 for x in voided["lines"]}  # fmt: skip
+        assert voids == {fired_id: (True, "sam", "mia"), unsent_id: (True, "sam", None)}
+        assert edge.sql("SELECT count(*) FROM approvals WHERE used_at_ms IS NOT NULL") == [(1,)]
+        (entry,) = edge.sql("SELECT detail FROM audit_log WHERE action = 'void_order'")
+        assert json.loads(entry[0])["approved_by"] == "mia"
+        # The approval is spent: it cannot void another check.
+        other = (await open_order(edge, till, table="T2"))["id"]
+        await add_line(edge, till, other, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{other}/fire", till.headers("sam"), json={})
+        got, refused, _ = await edge.call("POST", void_path(other), approved, json=why)
+        assert (got, code(refused)) == (403, "approval_invalid")
+        # A manager holds order.void_sent herself: no approval is needed or spent.
+        got, voided, _ = await edge.call("POST", void_path(other), till.headers("mia"), json=why)
+        assert got == 200 and [x["void_approved_by"] for x in voided["lines"]] == ["mia"]
+        assert edge.sql("SELECT count(*) FROM approvals WHERE used_at_ms IS NOT NULL") == [(1,)]
+
+    run(body, tmp_path)
+
+
+def test_fired_lines_voided_before_need_no_approval_to_void_the_rest(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        _, soup = await add_line(edge, till, oid, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{oid}/fire", till.headers("sam"), json={})
+        await add_line(edge, till, oid, item_id="ipa")
+        got, _, _ = await edge.call(
+            "POST", f"{ORDERS}/{oid}/lines/{soup['line_ids'][0]}/void", till.headers("mia"),
+            json={"reason": "sent back"},
+        )  # fmt: skip
+        assert got == 200
+        _, approval, _ = await edge.store.transaction(
+            lambda tx: grant_approval(tx, "mia", till.device_id)
+        )
+        got, voided, _ = await edge.call(
+            "POST", void_path(oid), till.headers("sam", **{"X-Fynlo-Approval": approval}),
+            json={"reason": "left"},
+        )  # fmt: skip
+        assert got == 200 and voided["status"] == "voided"
+        voids = [(x["void_reason"], x["voided_by"], x["void_approved_by"]) for x in voided["lines"]]
+        assert voids == [("sent back", "mia", "mia"), ("left", "sam", None)]
+        assert edge.sql("SELECT used_at_ms FROM approvals") == [(None,)]  # not spent
+
+    run(body, tmp_path)
+
+
+def test_a_line_fired_after_the_route_looked_still_needs_the_approval(tmp_path: Path) -> None:
+    """The route decides from a read before the transaction; the void itself checks again."""
+
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{oid}/fire", till.headers("sam"), json={})
+        before = state(edge)
+        with pytest.raises(ApiError) as refused:
+            await edge.store.transaction(
+                lambda tx: order_lines.void_order(tx, oid, "left", "sam", False, None)
+            )
+        assert refused.value.code is ApiCode.APPROVAL_REQUIRED
+        assert state(edge) == before
+        voided = await edge.store.transaction(
+            lambda tx: order_lines.void_order(tx, oid, "left", "sam", True, "mia")
+        )
+        assert voided.status == "voided"
+        assert [(x.voided, x.void_approved_by) for x in voided.lines] == [(True, "mia")]
+
+    run(body, tmp_path)
+
+
+def test_a_retried_void_with_the_same_idempotency_key_gets_the_first_answer(
+    tmp_path: Path,
+) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup")
+        await add_line(edge, till, oid, item_id="ipa")
+        headers = till.headers("sam", **{"Idempotency-Key": "till-void-order-0001"})
+        why = {"reason": "wrong table"}
+        first = await edge.call("POST", void_path(oid), headers, json=why)
+        assert first[0] == 200 and first[1]["status"] == "voided"
+        after = state(edge)
+        retries = await asyncio.gather(
+            *(edge.call("POST", void_path(oid), headers, json=why) for _ in range(5))
+        )
+        for got, answer, resp in retries:
+            assert (got, answer) == (200, first[1])
+            assert resp.headers.get("Idempotent-Replayed") == "true"
+        assert state(edge) == after  # nothing written twice, no second audit entry
+        assert edge.sql("SELECT count(*) FROM audit_log WHERE action = 'void_order'") == [(1,)]
+        # Without the key it is a second void, refused; the same key with another body too.
+        got, answer, _ = await edge.call("POST", void_path(oid), till.headers("sam"), json=why)
+        assert (got, code(answer)) == (409, "invalid_transition")
+        got, answer, _ = await edge.call("POST", void_path(oid), headers, json={"reason": "x"})
+        assert (got, code(answer)) == (422, "idempotency_key_reused")
+        assert state(edge) == after
+
+    run(body, tmp_path)
+
+
+def test_a_void_that_is_not_json_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        before = state(edge)
+        got, answer, _ = await edge.call(
+            "POST", void_path(oid), till.headers("sam", **{"Content-Type": "application/json"}),
+            data=b'{"reason": "oops"',
+        )  # fmt: skip
+        assert (got, code(answer)) == (400, "malformed_json")
+        assert state(edge) == before
+
+    run(body, tmp_path)
+
+
 # -- moving lines ----------------------------------------------------------------------------
 
 
@@ -585,6 +883,7 @@ def test_moving_lines_voids_them_here_and_copies_them_there(tmp_path: Path) -> N
         ("kai", "open", 403), ("kai", "add", 403), ("kai", "fire", 403), ("kai", "view", 200),
         ("kai", "close", 403), ("bo", "open", 201), ("bo", "add", 201), ("bo", "fire", 200),
         ("sam", "close", 200), ("ola", "open", 201), ("mia", "view", 200),
+        ("kai", "void", 403), ("sam", "void", 200), ("bo", "void", 200), ("ola", "void", 200),
     ],
 )  # fmt: skip
 def test_permissions_follow_the_role(tmp_path: Path, who: str, action: str, status: int) -> None:
@@ -599,6 +898,7 @@ def test_permissions_follow_the_role(tmp_path: Path, who: str, action: str, stat
             "fire": ("POST", f"{ORDERS}/{oid}/fire", {}),
             "view": ("GET", f"{ORDERS}/{oid}", None),
             "close": ("POST", f"{ORDERS}/{oid}/close", None),
+            "void": ("POST", f"{ORDERS}/{oid}/void", {"reason": "opened by mistake"}),
         }
         method, path, payload = requests[action]
         got, answer, _ = await edge.call(method, path, till.headers(who), json=payload)
@@ -683,6 +983,16 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
     ("POST", "{order}/lines/move", {"line_ids": [], "to_order_id": "x"}, 422, "invalid_request"),
     ("POST", "{order}/lines/move", {"line_ids": ["ln_x"], "to_order_id": "ord_nope"}, 404,
      "not_found"),
+    ("POST", "/v1/orders/ord_nope/void", {"reason": "mistake"}, 404, "not_found"),
+    ("POST", "{order}/void", {}, 422, "invalid_request"),
+    ("POST", "{order}/void", None, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": ""}, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": " \n\t"}, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": "x" * 201}, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": "a\x00b"}, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": 7}, 422, "invalid_request"),
+    ("POST", "{order}/void", {"reason": "mistake", "status": "closed"}, 422, "invalid_request"),
+    ("POST", "{order}/void", ["mistake"], 422, "invalid_request"),
     ("GET", "/v1/orders?status=eaten", None, 422, "invalid_request"),
     ("GET", "/v1/orders?status=open,", None, 422, "invalid_request"),
     ("GET", "/v1/orders?business_day=yesterday", None, 422, "invalid_request"),
@@ -713,6 +1023,11 @@ def test_order_responses_match_the_openapi_document(tmp_path: Path) -> None:
         till = await till_for(edge)
         _, doc, _ = await edge.call("GET", "/api/openapi.json")
         oid = (await open_order(edge, till))["id"]
+        sent, fresh, done = [(await open_order(edge, till))["id"] for _ in range(3)]
+        await add_line(edge, till, sent, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{sent}/fire", till.headers("sam"), json={})
+        await add_line(edge, till, fresh, item_id="soup")
+        await edge.call("POST", f"{ORDERS}/{done}/close", till.headers("sam"))
         samples: list[tuple[str, str, str, Any]] = [
             ("POST", ORDERS, ORDERS, {"table_name": "T8", "covers": 2}),
             ("POST", f"{ORDERS}/{oid}/lines", "/v1/orders/{order_id}/lines",
@@ -723,11 +1038,19 @@ def test_order_responses_match_the_openapi_document(tmp_path: Path) -> None:
             ("POST", f"{ORDERS}/{oid}/fire", "/v1/orders/{order_id}/fire", {}),
             ("PATCH", f"{ORDERS}/{oid}", "/v1/orders/{order_id}", {"covers": 3}),
             ("POST", f"{ORDERS}/{oid}/close", "/v1/orders/{order_id}/close", None),
+            ("POST", f"{ORDERS}/{done}/void", "/v1/orders/{order_id}/void", {"reason": "late"}),
+            ("POST", f"{ORDERS}/{sent}/void", "/v1/orders/{order_id}/void", {"reason": "x"}),
+            ("POST", f"{ORDERS}/{fresh}/void", "/v1/orders/{order_id}/void", {"reason": ""}),
+            ("POST", f"{ORDERS}/{fresh}/void", "/v1/orders/{order_id}/void", {"reason": "ok"}),
         ]  # fmt: skip
+        voids = []
         for method, path, template, payload in samples:
             got, answer, _ = await edge.call(method, path, till.headers("sam"), json=payload)
             response = doc["paths"][template][method.lower()]["responses"][str(got)]
             schema = response["content"]["application/json"]["schema"]
             jsonschema.validate(answer, {**schema, "components": doc["components"]})
+            if path.endswith("/void"):
+                voids.append(got)
+        assert voids == [409, 403, 422, 200]  # closed, sent, blank reason, voided
 
     run(body, tmp_path)

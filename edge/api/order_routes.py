@@ -1,4 +1,4 @@
-"""Orders for the tablets: open, read, add and void lines, fire, edit, transfer, move, close.
+"""Orders for the tablets: open, read, add and void lines, fire, edit, transfer, move, close, void.
 
 Each route checks who may call it, decodes its body, and runs one domain function of
 ``edge.orders`` / ``edge.order_lines`` / ``edge.firing`` in ``ctx.mutate`` (one transaction:
@@ -6,7 +6,8 @@ synced, audited, idempotent under ``Idempotency-Key``). Every answer that change
 carries the order as it now is, with its lines, totals and header ``version``; header edits
 send that version back as ``If-Match`` (see ``edge.orders``). Voiding a line that was fired
 needs ``order.void_sent`` on top of ``order.void_line``: a server gets it for one void with
-a manager's ``X-Fynlo-Approval``.
+a manager's ``X-Fynlo-Approval``. Voiding the whole order is the same rule over its lines: a
+manager's approval is needed (and spent) only when a line still live was fired.
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from shared.orders import OrderStatus
+from shared.orders import OrderStatus, can_move
 from shared.roles import Permission
 
 from .. import firing, order_lines, orders
 from ..errors import not_found
 from ..firing import Fire, Fired
-from ..order_lines import LinesAdded, LinesMoved, MoveLines, NewLine, NewLines, VoidLine
+from ..order_lines import (
+    LinesAdded,
+    LinesMoved,
+    MoveLines,
+    NewLine,
+    NewLines,
+    VoidLine,
+    VoidOrder,
+    sent_lines_live,
+)
 from ..order_views import ORDER_SQL, ORDERS_SQL, OrderList, OrderView, order_from_row, summary_of
 from ..orders import HeaderChanges, NewOrder, Transfer
 from .auth import new_id
@@ -242,3 +252,35 @@ async def close_order(ctx: Ctx) -> OrderView:
     """Close an order."""
     order_id = ctx.params["order_id"]
     return await ctx.mutate(lambda tx: orders.close_order(tx, order_id))
+
+
+@routes.route(
+    "POST",
+    "/v1/orders/{order_id}/void",
+    summary="Void the whole order and its live lines; once any was fired, order.void_sent or "
+    "a manager's approval",
+    body=VoidOrder,
+    response=OrderView,
+    permission=Permission.ORDER_VOID_LINE,
+    errors=(*_CHANGE, ApiCode.APPROVAL_REQUIRED, ApiCode.APPROVAL_INVALID),
+)
+async def void_order(ctx: Ctx, body: VoidOrder) -> OrderView:
+    """Void an open or fired order with every line still on it."""
+    order_id, who = ctx.params["order_id"], _employee(ctx)
+    rows = await ctx.store.query(ORDER_SQL, (order_id,))
+    current = order_from_row(rows[0]) if rows else None
+    if (
+        current is not None
+        and can_move(OrderStatus(current.status), OrderStatus.VOIDED)
+        and sent_lines_live(current)
+    ):
+        ctx.require(Permission.ORDER_VOID_SENT)  # spends an approval if one is needed
+        may_void_sent = True
+    else:  # nothing sent, or the order cannot be voided: an approval is not spent on it
+        assert ctx.principal is not None
+        may_void_sent = Permission.ORDER_VOID_SENT in ctx.principal.permissions
+    return await ctx.mutate(
+        lambda tx: order_lines.void_order(
+            tx, order_id, body.reason, who, may_void_sent, ctx.approved_by
+        )
+    )
