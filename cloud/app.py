@@ -22,6 +22,7 @@ from sync_protocol.changes import Op
 from sync_protocol.errors import ErrorCode, RemoteProtocolError
 from sync_protocol.hlc import HybridClock
 
+from . import audit as site_audit
 from . import conflicts as conflict_store
 from .auth import NODE_ID, OWNER_TOKEN, SITE_ID, STORE, setup_auth
 from .config import CloudConfig
@@ -327,6 +328,24 @@ async def site_checksums(request: web.Request) -> web.Response:
     """Per-table checksums of a site's live rows."""
     sums = await request.app[STORE].checksums(await _site(request))
     return _json_response({t: {"count": c.count, "total": c.total} for t, c in sums.items()})
+
+
+@owner_routes.get("/v1/sites/{site}/audit/verify")
+async def verify_site_audit(request: web.Request) -> web.Response:
+    """Walk each edge node's audit hash chain of a site and say where it first breaks."""
+    site_id = await _site(request)
+    verdicts = await site_audit.verify_site(request.app[STORE].pool, site_id)
+    nodes = [
+        {
+            "node_id": n.node_id,
+            "ok": n.verdict.ok,
+            "entries": n.verdict.entries,
+            "first_bad_position": n.verdict.first_bad_position,
+            "reason": n.verdict.reason,
+        }
+        for n in verdicts
+    ]
+    return _json_response({"site_id": site_id, "ok": all(n["ok"] for n in nodes), "nodes": nodes})
 
 
 @owner_routes.get("/v1/sites/{site}/conflicts")

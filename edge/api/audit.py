@@ -12,12 +12,15 @@ after it; ``verify`` walks the chain and names the first entry that does not che
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from shared.audit_chain import GENESIS as GENESIS
+from shared.audit_chain import Verdict as Verdict
+from shared.audit_chain import entry_hash as entry_hash
+from shared.audit_chain import verify as verify
 from sync_protocol.changes import Op
 
 from ..tx import Tx
@@ -25,24 +28,14 @@ from ..tx import Tx
 if TYPE_CHECKING:
     from .auth import Principal
 
-GENESIS = "0" * 64
 #: columns whose values never enter the audit trail (it is add-only: nothing there is erased)
 REDACTED = frozenset({"pin_hash"})
-_FIELDS = ("position", "at_ms", "employee_id", "device_id", "action", "detail")
 
 
 def node_range(node_id: str) -> tuple[str, str]:
     """Bounds of this node's entry ids, ``[node:, node;)``: a range the primary key index
     answers directly (a ``LIKE 'node:%'`` scans the table on every mutation)."""
     return f"{node_id}:", f"{node_id};"
-
-
-def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
-    """The hash of an entry given the previous entry's hash."""
-    body = json.dumps(
-        {name: entry.get(name) for name in _FIELDS}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 
 def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) -> None:
@@ -72,7 +65,7 @@ def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) 
         "employee_id": who.employee_id if who else None,
         "device_id": who.device_id if who else None,
         "action": action,
-        "detail": json.dumps(detail, sort_keys=True, separators=(",", ":")),
+        "detail": msgspec.json.encode(detail, order="sorted").decode(),
     }
     entry["prev_hash"] = prev_hash
     entry["hash"] = entry_hash(prev_hash, entry)
@@ -84,29 +77,3 @@ def _redacted(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if values is None:
         return None
     return {k: ("<redacted>" if k in REDACTED and v is not None else v) for k, v in values.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The result of walking the chain."""
-
-    ok: bool
-    entries: int
-    first_bad_position: int | None = None
-    reason: str | None = None
-
-
-def verify(entries: Iterable[Mapping[str, Any]]) -> Verdict:
-    """Check a chain given its entries in position order."""
-    prev, count = GENESIS, 0
-    for expected, entry in enumerate(entries, start=1):
-        count += 1
-        position = entry.get("position")
-        if position != expected:
-            return Verdict(False, count, expected, f"entry {expected} is missing or out of order")
-        if entry.get("prev_hash") != prev:
-            return Verdict(False, count, expected, "it does not follow the entry before it")
-        if entry.get("hash") != entry_hash(prev, entry):
-            return Verdict(False, count, expected, "its content does not match its hash")
-        prev = str(entry["hash"])
-    return Verdict(True, count)
