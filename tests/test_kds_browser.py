@@ -1,9 +1,11 @@
 """The kitchen display page in a real headless Chromium against a real edge on loopback.
 
-Debian's ``chromium`` is driven by Playwright (no browser download): tickets written in the
-store appear with running age timers, bump and recall reach the store, and the "connection
-lost" banner shows within 5 s when the edge goes away (stopped, or silent behind a frozen
-link) and clears by itself when it is back, with the tickets fired meanwhile on screen.
+Debian's ``chromium`` is driven by Playwright (no browser download): an unpaired screen pairs
+with a code a manager made through the API (a wrong code says why and leaves the form up),
+tickets fired or written in the store appear live with running age timers, bump and recall
+reach the store, and the "connection lost" banner shows within 5 s when the edge goes away
+(stopped, or silent behind a frozen link) and clears by itself when it is back, with the
+tickets fired meanwhile on screen.
 Skipped, saying why, only when no Chromium binary exists (``.ci/run`` installs it).
 """
 
@@ -17,11 +19,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from edge.api import LIVE_TABLES
+from edge.errors import API_ERRORS, ApiCode
 from edge.store import EdgeStore, wall_clock_ms
 from shared.registry import default_registry
 from sync_protocol.changes import Op
@@ -45,21 +49,54 @@ RECOVERY_MS = 20_000  # generous on busy machines; waits end as soon as the page
 
 
 @asynccontextmanager
-async def kds(tmp_path: Path) -> AsyncIterator[tuple[EdgeServer, Edge, Page, Tablet]]:
-    """A running edge, a paired kitchen screen, and a Chromium page."""
+async def browser_on_edge(tmp_path: Path) -> AsyncIterator[tuple[EdgeServer, Edge, Page]]:
+    """A running edge and a Chromium page (no screen paired yet)."""
     async with edge_server(tmp_path) as (server, edge), async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM)
         try:
-            page = await browser.new_page()
-            yield server, edge, page, await edge.pair("pass", "kds")
+            yield server, edge, await browser.new_page()
         finally:
             await browser.close()
+
+
+@asynccontextmanager
+async def kds(tmp_path: Path) -> AsyncIterator[tuple[EdgeServer, Edge, Page, Tablet]]:
+    """A running edge, a paired kitchen screen, and a Chromium page."""
+    async with browser_on_edge(tmp_path) as (server, edge, page):
+        yield server, edge, page, await edge.pair("pass", "kds")
 
 
 async def open_kds(page: Page, base_url: str, screen: Tablet, station: str = "kitchen") -> None:
     """Open the page as ``screen`` and wait until it is live."""
     await page.goto(f"{base_url}/kds?station={station}&device={screen.device_token}")
     await expect(page.locator("body")).to_have_attribute("data-status", "live")
+
+
+async def pairing_code(edge: Edge, manager: Tablet, kind: str = "kds") -> str:
+    """A pairing code a manager makes on a tablet, through the API."""
+    status, made, _ = await edge.call(
+        "POST", "/v1/pairing-codes", manager.headers("mia"), json={"kind": kind}
+    )
+    assert status == 201, made
+    return str(made["code"])
+
+
+async def fire_order(edge: Edge, till: Tablet, table: str, *item_ids: str) -> list[Any]:
+    """Open an order on ``till`` as a server, add ``item_ids`` and fire it; returns its tickets."""
+    headers = till.headers("sam")
+    status, order, _ = await edge.call(
+        "POST", "/v1/orders", headers, json={"table_name": table, "covers": 2}
+    )
+    assert status == 201, order
+    lines = [{"item_id": item} for item in item_ids]
+    status, added, _ = await edge.call(
+        "POST", f"/v1/orders/{order['id']}/lines/batch", headers, json={"lines": lines}
+    )
+    assert status == 201, added
+    status, fired, _ = await edge.call("POST", f"/v1/orders/{order['id']}/fire", headers, json={})
+    assert status == 200, fired
+    tickets: list[Any] = fired["tickets"]
+    return tickets
 
 
 async def fire_while_down(tmp_path: Path, ticket_id: str) -> None:
@@ -111,6 +148,81 @@ def test_tickets_appear_age_and_can_be_bumped_and_recalled(tmp_path: Path) -> No
             await expect(old).to_have_count(0)
             await expect(page.locator('.recalled[data-id="t0"]')).to_be_visible()
             await expect(page.locator("body")).to_have_attribute("data-reloads", "1")
+
+    asyncio.run(body())
+
+
+def test_an_unpaired_screen_pairs_with_a_managers_code_and_shows_its_tickets_live(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with browser_on_edge(tmp_path) as (_, edge, page):
+            till = await edge.pair("till")
+            await edge.login(till, "mia")
+            await edge.login(till, "sam")
+            await page.goto(f"{edge.url}/kds")
+            form = page.locator("#pairing")
+            await expect(form).to_be_visible()
+            await expect(page.locator("body")).to_have_attribute("data-status", "unpaired")
+            # Codes have letters: the field must not ask for a numeric keypad.
+            assert await page.locator("#pair-code").get_attribute("inputmode") != "numeric"
+            code = await pairing_code(edge, till)
+            # Typed as a person would: lower case, no dash.
+            await page.locator("#pair-code").fill(code.replace("-", "").lower())
+            await page.locator("#pair-name").fill("Pass screen")
+            await page.locator("#pair-form button[type=submit]").click()
+            await expect(form).to_be_hidden()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            await expect(page.locator("#pair-error")).to_have_text("")
+            # The edge knows the new screen, paired by the manager who made the code.
+            status, listed, _ = await edge.call("GET", "/v1/devices", till.headers("mia"))
+            assert status == 200
+            screens = [d for d in listed["devices"] if d["kind"] == "kds"]
+            assert [(d["name"], d["paired_by"]) for d in screens] == [("Pass screen", "mia")]
+            # An order fired through the API shows its kitchen ticket; the bar's stays away.
+            await expect(page.locator(".ticket")).to_have_count(0)
+            tickets = await fire_order(edge, till, "T7", "soup", "ipa")
+            [kitchen] = [t for t in tickets if t["station"] == "kitchen"]
+            card = page.locator(f'.ticket[data-id="{kitchen["id"]}"]')
+            await expect(card).to_contain_text("1×Soup")
+            await expect(card.locator(".table")).to_have_text("T7")
+            await expect(page.locator(".ticket")).to_have_count(1)
+            # It came over the live socket: the page loaded from REST only once, when it paired.
+            await expect(page.locator("body")).to_have_attribute("data-reloads", "1")
+            # And the credential survives a reload of the page: no second pairing.
+            await page.reload()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            await expect(form).to_be_hidden()
+            await expect(card).to_be_visible()
+
+    asyncio.run(body())
+
+
+def test_a_wrong_pairing_code_shows_why_and_leaves_the_form_up(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with browser_on_edge(tmp_path) as (_, edge, page):
+            till = await edge.pair("till")
+            await edge.login(till, "mia")
+            tablet_code = await pairing_code(edge, till, kind="tablet")
+            await page.goto(f"{edge.url}/kds")
+            form, error = page.locator("#pairing"), page.locator("#pair-error")
+            await expect(form).to_be_visible()
+            unknown = API_ERRORS[ApiCode.PAIRING_CODE_INVALID].meaning
+            for wrong, why in (
+                ("ZZZZ-ZZZZ", unknown),
+                (tablet_code, "the code pairs a tablet, not a kds"),  # a code for another kind
+            ):
+                await page.locator("#pair-code").fill(wrong)
+                await page.locator("#pair-form button[type=submit]").click()
+                await expect(error).to_have_text(why)
+                await expect(form).to_be_visible()
+                await expect(page.locator("body")).to_have_attribute("data-status", "unpaired")
+                await expect(page.locator("#pair-code")).to_have_value(wrong)
+                await page.locator("#pair-code").fill("")
+                await expect(error).to_have_text(why)  # it stays until the next try
+            assert await page.evaluate("localStorage.getItem('fynlo.kds.device')") is None
+            status, listed, _ = await edge.call("GET", "/v1/devices", till.headers("mia"))
+            assert [d["name"] for d in listed["devices"]] == ["till"]  # none was added
 
     asyncio.run(body())
 
