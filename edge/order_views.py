@@ -15,7 +15,6 @@ until discounts, tax and service exist); ``voided_pence`` is what voids took off
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,24 +108,56 @@ ORDERS_SQL = (
     " ORDER BY o.opened_at_ms DESC, o.id LIMIT ?3"
 )
 
+
+class _StoredLine(msgspec.Struct, kw_only=True):
+    """An ``order_lines`` row as ``rows_json`` gives it (absent or NULL: None)."""
+
+    id: str
+    rowid: int = msgspec.field(default=0, name="_rowid")
+    item_id: str | None = None
+    name: str | None = None
+    quantity: int | None = None
+    unit_price_pence: int | None = None
+    modifiers: str | None = None
+    notes: str | None = None
+    course: int | None = None
+    seat: int | None = None
+    added_by: str | None = None
+    added_at_ms: int | None = None
+    moved_from: str | None = None
+    fired: bool | None = None
+    ticket_id: str | None = None
+    voided: bool | None = None
+    void_reason: str | None = None
+    voided_by: str | None = None
+    void_approved_by: str | None = None
+
+
 _object = msgspec.json.Decoder(dict[str, Any])
 _objects = msgspec.json.Decoder(list[dict[str, Any]])
+_stored_lines = msgspec.json.Decoder(list[_StoredLine])
 _modifiers = msgspec.json.Decoder(list[ChosenModifier])
+_encode = msgspec.json.encode
 
 
 def header_version(order: dict[str, Any]) -> str:
     """The version of an order's header (a row as ``Tx.get`` or a snapshot gives it)."""
-    header = json.dumps([order.get(name) for name in HEADER_FIELDS], separators=(",", ":"))
-    return hashlib.sha256(header.encode()).hexdigest()[:16]
+    header = _encode([order.get(name) for name in HEADER_FIELDS])
+    return hashlib.sha256(header).hexdigest()[:16]
+
+
+def _chosen(text: str | None) -> list[ChosenModifier]:
+    """A line's modifiers from their stored JSON (anything malformed reads as none)."""
+    try:
+        return _modifiers.decode(text or "[]")
+    except msgspec.DecodeError:
+        return []
 
 
 def line_of(row: dict[str, Any]) -> LineView:
-    """A stored line as tablets see it."""
+    """A stored line as tablets see it (a row of any shape: wrong types read as defaults)."""
     quantity, unit = as_int(row, "quantity"), as_int(row, "unit_price_pence")
-    try:
-        modifiers = _modifiers.decode(as_str(row, "modifiers", "[]"))
-    except msgspec.DecodeError:
-        modifiers = []
+    modifiers = _chosen(as_str(row, "modifiers", "[]"))
     return LineView(
         row["id"],
         as_str(row, "item_id"),
@@ -158,12 +189,47 @@ def totals_of(lines: Sequence[LineView]) -> Totals:
     return Totals(subtotal, subtotal, voided, len(live), sum(line.quantity for line in live))
 
 
+def _line_from_stored(s: _StoredLine) -> LineView:
+    quantity, unit = s.quantity or 0, s.unit_price_pence or 0
+    return LineView(
+        s.id,
+        s.item_id or "",
+        s.name or "",
+        quantity,
+        unit,
+        quantity * unit,
+        _chosen(s.modifiers),
+        s.notes,
+        1 if s.course is None else s.course,
+        s.seat,
+        s.added_by,
+        s.added_at_ms or 0,
+        s.moved_from,
+        bool(s.fired),
+        s.ticket_id,
+        bool(s.voided),
+        s.void_reason,
+        s.voided_by,
+        s.void_approved_by,
+    )
+
+
+def lines_from_json(text: str) -> list[LineView]:
+    """The lines of a ``rows_json(ORDER_LINES)`` array, in the order they were added."""
+    try:
+        stored = _stored_lines.decode(text)
+    except msgspec.ValidationError:  # a value of an unexpected type: read row by row
+        rows = _objects.decode(text)
+        rows.sort(key=lambda r: (as_int(r, "added_at_ms"), as_int(r, "_rowid")))
+        return [line_of(r) for r in rows]
+    stored.sort(key=lambda s: (s.added_at_ms or 0, s.rowid))
+    return [_line_from_stored(s) for s in stored]
+
+
 def order_from_row(row: Sequence[str]) -> OrderView:
     """The ``OrderView`` from a row of ``ORDER_SQL`` (or ``ORDERS_SQL``)."""
     header = _object.decode(row[0])
-    rows = _objects.decode(row[1])
-    rows.sort(key=lambda r: (as_int(r, "added_at_ms"), as_int(r, "_rowid")))  # as added
-    lines = [line_of(r) for r in rows]
+    lines = lines_from_json(row[1])
     return OrderView(
         header["id"],
         as_int(header, "check_number"),

@@ -17,12 +17,13 @@ A ``Tx`` must not be kept or used after its function returns.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from sync_protocol.changes import Change, Op, Value, Values
 from sync_protocol.errors import ErrorCode, RemoteProtocolError
@@ -32,6 +33,8 @@ from sync_protocol.schema import Author
 
 from .state import State
 from .tables import OUTBOX_COLUMNS, TableIO, pack, prepare_write
+
+_encode = msgspec.json.encode
 
 _LOG_CHANGE = (
     f"INSERT INTO outbox ({OUTBOX_COLUMNS}, written_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -162,7 +165,7 @@ class Tx:
 
     def emit(self, topic: str, data: Mapping[str, Any]) -> None:
         """Publish ``data`` on ``topic`` once this transaction commits."""
-        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        text = _encode(data).decode()
         cur = self._conn.execute(
             "INSERT INTO events (topic, data, at_ms) VALUES (?, ?, ?)",
             (topic, text, self._now_ms),

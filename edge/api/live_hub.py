@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..store import EdgeStore, wall_clock_ms
@@ -131,20 +132,39 @@ class Routed:
     frame: bytes
 
 
+class _RowOf(msgspec.Struct):
+    """What routing needs of a ``row`` event's row (other columns are skipped unread)."""
+
+    station: Any = None
+
+
+class _RowEvent(msgspec.Struct):
+    """What routing needs of a ``row`` event: the table, and the row's station."""
+
+    table: Any = None
+    row: _RowOf | None = None
+
+
+_row_event = msgspec.json.Decoder(_RowEvent)
+
+
 def route(event: Event) -> Routed | None:
     """Where a store event goes, and its frame (None: no topic carries it)."""
     if event.topic != "row":
         if event.topic not in ("orders", "tickets", "menu"):
             return None
         return Routed(event.seq, (event.topic,), event_frame(event.seq, event.topic, event.data))
-    data = json.loads(event.data)
-    family = TABLE_TOPICS.get(data.get("table"))
+    try:
+        data = _row_event.decode(event.data)
+    except msgspec.ValidationError:  # not an object, or its row is not one: no table's topic
+        return None
+    family = TABLE_TOPICS.get(data.table) if isinstance(data.table, str) else None
     if family is None:
         return None
     keys: tuple[str, ...] = (family,)
     topic = family
     if family == "tickets":
-        station = (data.get("row") or {}).get("station")
+        station = data.row.station if data.row is not None else None
         if isinstance(station, str) and station:
             topic = f"tickets:{station}"
             keys = ("tickets", topic)
