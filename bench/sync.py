@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cloud.pgtemp import TemporaryPostgres
+from shared import eventloop
 
 # ``bench/`` is not a package and this script is run by path: make ``synclib`` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("starting a throwaway durable Postgres…", flush=True)
                 server = stack.enter_context(TemporaryPostgres(fast=False))
                 dsn, pg_data = server.dsn, server.data_dir
-            results = asyncio.run(run(options, dsn, workdir, pg_data))
+            results = eventloop.run(run(options, dsn, workdir, pg_data))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
+from shared import eventloop
 from shared.config import ConfigError
 
 from .app import create_app
@@ -46,7 +47,9 @@ def run(config: CloudConfig) -> None:
     app = create_app(config)
     # Start-up objects live for the whole process: keep them out of the cyclic GC's scans.
     app.on_startup.append(_freeze_gc)
-    web.run_app(app, host=config.host, port=config.port, print=print)
+    web.run_app(
+        app, host=config.host, port=config.port, print=print, loop=eventloop.new_event_loop()
+    )
 
 
 async def _freeze_gc(app: web.Application) -> None:

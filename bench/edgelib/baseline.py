@@ -16,10 +16,18 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: the repo's root
+
+from shared.eventloop import new_event_loop  # noqa: E402
+
+T = TypeVar("T")
 
 
 def make_db(path: Path, rows: int = 1000) -> None:
@@ -84,6 +92,12 @@ async def _run(app: web.Application, port: int) -> None:
     await asyncio.Event().wait()
 
 
+def _on_edge_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the loop the edge itself runs on (``shared.eventloop``)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=("get", "broadcast"))
@@ -93,9 +107,9 @@ def main() -> int:
     if ns.mode == "get":
         if ns.db is None:
             parser.error("get needs --db")
-        asyncio.run(serve_get(ns.port, ns.db))
+        _on_edge_loop(serve_get(ns.port, ns.db))
     else:
-        asyncio.run(serve_broadcast(ns.port))
+        _on_edge_loop(serve_broadcast(ns.port))
     return 0
 
 

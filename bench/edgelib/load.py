@@ -22,9 +22,17 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: the repo's root
+
+from shared.eventloop import new_event_loop  # noqa: E402
+
+T = TypeVar("T")
 
 LINES_PER_ORDER = 25
 
@@ -168,6 +176,12 @@ async def _edge_ticket(
         await resp.read()
 
 
+def _on_edge_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the loop the edge itself runs on (``shared.eventloop``)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=("http", "ws"))
@@ -182,7 +196,7 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.5)
     ns = parser.parse_args()
     run = http_load if ns.mode == "http" else ws_load
-    print(json.dumps(asyncio.run(run(ns))))
+    print(json.dumps(_on_edge_loop(run(ns))))
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from shared import eventloop
 from shared.config import ConfigError
 from sync_protocol.changes import Op, Value
 
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     result, cloud_exit = demo.result, None
     try:
         cloud.start()
-        result = asyncio.run(_run(demo, base))
+        result = eventloop.run(_run(demo, base))
     except KeyboardInterrupt:  # before the signal handlers were installed
         result.reason, result.error = "Ctrl-C", result.error or "interrupted"
     except OSError as exc:
