@@ -72,7 +72,7 @@ async def serve_broadcast(port: int) -> None:
         return sock
 
     async def fire(request: web.Request) -> web.Response:
-        text = json.dumps({"type": "event", "sent_ms": time.time() * 1000})
+        text = json.dumps({"type": "event", "sent_ms": time.time() * 1000}, separators=(",", ":"))
         for sock in list(sockets):
             if not sock.closed:
                 await sock.send_str(text)

@@ -10,7 +10,8 @@ latencies (ms) of the measured requests (line adds, or the GETs).
 ``tickets:kitchen``), then ``--fires`` times, every ``--interval`` s, makes one ticket (the edge:
 open an order, add a line, fire it; the baseline: ``POST /fire``) and records, for every
 client, the time from the ticket's commit (its ``fired_at_ms``; the baseline: its send time)
-to that client receiving it. Prints JSON: clients, delivered, missing, latencies (ms).
+to its bytes arriving at that client (``wsclient.StampingSocket``: stamped on arrival, parsed
+after the run). Prints JSON: clients, delivered, missing, latencies (ms).
 
 Both print one JSON object on stdout as their only output.
 """
@@ -25,11 +26,13 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: the repo's root
 
+from bench.edgelib.wsclient import EVENT_PREFIX, StampingSocket, Tally, connect  # noqa: E402
 from shared.eventloop import new_event_loop  # noqa: E402
 
 T = TypeVar("T")
@@ -94,52 +97,29 @@ async def http_load(ns: argparse.Namespace) -> dict[str, Any]:
 async def ws_load(ns: argparse.Namespace) -> dict[str, Any]:
     """``clients`` subscribers; ``fires`` tickets; per-client delivery latency."""
     headers = json.loads(ns.headers or "{}")
-    connector = aiohttp.TCPConnector(limit=0)
-    latencies: list[float] = []
-    got: dict[str, int] = {}
+    target = urlsplit(ns.ws_url)
+    host, port = target.hostname or "127.0.0.1", target.port or 80
+    path = target.path + (f"?{target.query}" if target.query else "")
     ready = asyncio.Semaphore(200)  # handshakes in flight at once
-    subscribed = 0
-    all_subscribed = asyncio.Event()
-    all_delivered = asyncio.Event()
-    async with aiohttp.ClientSession(connector=connector) as http:
-        sockets: list[aiohttp.ClientWebSocketResponse] = []
+    sockets: list[StampingSocket] = []
+    tally = Tally()
 
-        async def client() -> None:
-            nonlocal subscribed
-            async with ready:
-                sock = await http.ws_connect(ns.ws_url, heartbeat=None, max_msg_size=0)
-                sockets.append(sock)
-                if ns.target == "edge":
-                    await sock.send_str(json.dumps(
-                        {"type": "subscribe", "topics": ["tickets:kitchen"], "since": None}
-                    ))  # fmt: skip
-                    while json.loads((await sock.receive()).data).get("type") != "ready":
-                        pass
-            subscribed += 1
-            if subscribed == ns.clients:
-                all_subscribed.set()
-            async for msg in sock:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    break
-                now = _ms()
-                data = json.loads(msg.data)
-                if data.get("type") != "event":
-                    continue
-                if ns.target == "edge":
-                    row = data["data"]["row"] or {}
-                    if row.get("bumped"):
-                        continue
-                    sent, key = row["fired_at_ms"], data["data"]["id"]
-                else:
-                    sent, key = data["sent_ms"], str(data["sent_ms"])
-                latencies.append(now - sent)
-                got[key] = got.get(key, 0) + 1
-                if len(latencies) >= ns.fires * ns.clients:
-                    all_delivered.set()
+    async def client() -> None:
+        async with ready:
+            sock = await connect(tally, host, port, path, {})
+            sockets.append(sock)
+            if ns.target == "edge":
+                sock.send_text(json.dumps(
+                    {"type": "subscribe", "topics": ["tickets:kitchen"], "since": None}
+                ))  # fmt: skip
+                while json.loads(await sock.next_message(30)).get("type") != "ready":
+                    pass
+            sock.messages.clear()  # from here on, every message is measured
 
-        tasks = [asyncio.ensure_future(client()) for _ in range(ns.clients)]
-        await asyncio.wait_for(all_subscribed.wait(), 120)
-        fired = 0
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(ns.clients))), 120)
+    fired = 0
+    tally.expect(ns.fires * ns.clients)
+    async with aiohttp.ClientSession() as http:
         for k in range(ns.fires):
             await asyncio.sleep(ns.interval)
             if ns.target == "edge":
@@ -149,16 +129,31 @@ async def ws_load(ns: argparse.Namespace) -> dict[str, Any]:
                     await resp.read()
             fired += 1
         try:  # every ticket to every client, or give up after 10 s (counted as missing)
-            await asyncio.wait_for(all_delivered.wait(), 10)
+            await asyncio.wait_for(tally.reached.wait(), 10)
         except TimeoutError:
             pass
-        for sock in sockets:
-            await sock.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    for sock in sockets:
+        sock.close()
+    latencies = [lat for sock in sockets for lat in _latencies(sock, ns.target == "edge")]
     return {"clients": ns.clients, "fired": fired, "delivered": len(latencies),
             "missing": fired * ns.clients - len(latencies), "latencies_ms": latencies}  # fmt: skip
+
+
+def _latencies(sock: StampingSocket, edge: bool) -> list[float]:
+    """Arrival minus commit (the edge's ``fired_at_ms``; the baseline's send time), per ticket."""
+    out = []
+    for arrived, payload in sock.messages:
+        if not payload.startswith(EVENT_PREFIX):
+            continue
+        data = json.loads(payload)
+        if edge:
+            row = data["data"]["row"] or {}
+            if row.get("bumped"):
+                continue
+            out.append(arrived - row["fired_at_ms"])
+        else:
+            out.append(arrived - data["sent_ms"])
+    return out
 
 
 async def _edge_ticket(
