@@ -213,11 +213,16 @@ def _api(conn: sqlite3.Connection) -> None:
     )
 
 
+def _idempotency_by_age(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE INDEX idempotency_by_age ON idempotency (at_ms)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sync core tables", _core_tables),
     Migration(2, "outbox: local wall time of each change", _outbox_written_ms),
     Migration(3, "live events", _events),
     Migration(4, "tablet API: devices, sessions, approvals, PIN attempts, idempotency", _api),
+    Migration(5, "idempotency answers expire: found by age", _idempotency_by_age),
 )
 
 

@@ -14,10 +14,11 @@ import msgspec
 from aiohttp import web
 
 from ..store import EdgeStore
-from . import openapi
+from . import idempotency, openapi
 from .audit_routes import routes as audit_routes
 from .auth import AUTHENTICATOR, Authenticator
 from .errors import error_middleware
+from .idempotency import ANSWERED, AnsweredKeys
 from .kitchen_routes import routes as kitchen_routes
 from .live import setup_live
 from .menu_routes import routes as menu_routes
@@ -75,8 +76,10 @@ def _authenticator_ctx(
         app[STORE] = store
         auth = Authenticator(store)
         app[AUTHENTICATOR] = auth
+        answered = app[ANSWERED] = AnsweredKeys()
         try:
-            yield
+            async with idempotency.keeping(store, answered):
+                yield
         finally:
             auth.close()
 

@@ -41,6 +41,7 @@ from ..tx import Tx
 from . import audit
 from .auth import AUTHENTICATOR, Principal
 from .errors import ApiCode, ApiError
+from .idempotency import ANSWERED
 
 T = TypeVar("T")
 
@@ -152,7 +153,19 @@ class Ctx:
         idem = self._idempotency
         encoder = msgspec.json.Encoder()
 
+        device = principal.device_id if principal else ""
+
         def body(tx: Tx) -> T:
+            if idem is not None:  # first: a retry racing its original is answered, not refused
+                found = tx.one(
+                    "SELECT fingerprint, status, body FROM idempotency"
+                    " WHERE device_id = ? AND key = ?",
+                    (device, idem[0]),
+                )
+                if found is not None:
+                    if found[0] != idem[1]:
+                        raise ApiError(ApiCode.IDEMPOTENCY_KEY_REUSED, key=idem[0])
+                    raise Replayed(found[1], found[2])
             if self._approval_used and self.approval is not None:
                 spent = tx.execute(
                     "UPDATE approvals SET used_at_ms = ? WHERE id = ? AND used_at_ms IS NULL",
@@ -160,16 +173,6 @@ class Ctx:
                 )
                 if spent != 1:
                     raise ApiError(ApiCode.APPROVAL_INVALID, "the approval was already used")
-            if idem is not None:
-                found = tx.one(
-                    "SELECT fingerprint, status, body FROM idempotency"
-                    " WHERE device_id = ? AND key = ?",
-                    (principal.device_id if principal else "", idem[0]),
-                )
-                if found is not None:
-                    if found[0] != idem[1]:
-                        raise ApiError(ApiCode.IDEMPOTENCY_KEY_REUSED, key=idem[0])
-                    raise Replayed(found[1], found[2])
             result = fn(tx)
             audit.record(tx, op.op_id, principal, self.approved_by)
             if idem is not None:
@@ -178,7 +181,7 @@ class Ctx:
                     "INSERT INTO idempotency (device_id, key, fingerprint, status, body, at_ms)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (
-                        principal.device_id if principal else "",
+                        device,
                         idem[0],
                         idem[1],
                         op.status,
@@ -189,7 +192,10 @@ class Ctx:
                 self._answer = answer
             return result
 
-        return await self.store.transaction(body)
+        result = await self.store.transaction(body)
+        if idem is not None:
+            self.request.app[ANSWERED].add(device, idem[0])
+        return result
 
 
 Route = Callable[..., Awaitable[Any]]
@@ -302,6 +308,8 @@ def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamRespo
 async def _answered(ctx: Ctx, idem: tuple[str, str]) -> web.Response | None:
     """The stored first answer to this Idempotency-Key, if the request was already done."""
     device = ctx.principal.device_id if ctx.principal else ""
+    if not ctx.request.app[ANSWERED].may_have(device, idem[0]):
+        return None  # a new key: no read needed (see ``idempotency``)
     rows = await ctx.store.query(
         "SELECT fingerprint, status, body FROM idempotency WHERE device_id = ? AND key = ?",
         (device, idem[0]),
