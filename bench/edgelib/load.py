@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -53,9 +54,13 @@ async def http_load(ns: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         stop = time.perf_counter() + ns.seconds
 
+        keys = itertools.count()
+
         async def timed(method: str, path: str, body: Any = None) -> Any:
+            # A tablet sends every change with its own Idempotency-Key (a retry reuses it).
+            key = {"Idempotency-Key": f"bench-{next(keys):012d}"} if method == "POST" else None
             t0 = time.perf_counter()
-            async with http.request(method, ns.url + path, json=body) as resp:
+            async with http.request(method, ns.url + path, json=body, headers=key) as resp:
                 data = await resp.read()
                 took = (time.perf_counter() - t0) * 1000
                 if resp.status >= 300:
