@@ -223,8 +223,9 @@ class Uplink:
         self._stuck: str | None = None
         #: until a push is acknowledged, a change never sent goes alone (see ``_push_step``)
         self._probe = True
-        #: the next batch, read while the previous push is on the wire: (after, limit, task)
-        self._prefetch: tuple[int, int, asyncio.Future[InFlight | None]] | None = None
+        #: the next window of batches, read and framed while a push is on the wire, by the
+        #: seq each follows: (limit, task)
+        self._prefetch: dict[int, tuple[int, asyncio.Future[InFlight | None]]] = {}
         self._pushed = RateMeter()
         self._pulled = RateMeter()
 
@@ -461,34 +462,43 @@ class Uplink:
         self._succeeded("push")
 
     def _prefetch_outbox(self, after: int) -> None:
-        self._drop_prefetch()
-        limit = self._batch
+        """Read and frame the window of batches after ``after`` while the current one travels.
 
-        async def read_and_frame() -> InFlight | None:
-            rows = await self.store.outbox_rows_after(after, limit)
+        So the next window goes out as soon as this one is answered, and the cloud, which
+        applies batches in order, is not left waiting while the edge reads and frames.
+        """
+        self._drop_prefetch()
+        limit, last_seq = self._batch, self.store.cursors().last_seq
+
+        async def read_and_frame(start: int) -> InFlight | None:
+            rows = await self.store.outbox_rows_after(start, limit)
             # A short read reached the end of the outbox as it was then: writes may have come
             # since, so only a full batch is worth framing ahead.
             return self._push.prepare(rows) if len(rows) == limit else None
 
-        task = asyncio.ensure_future(read_and_frame())
-        task.add_done_callback(_retrieve)  # an unused prefetch's error is not an error
-        self._prefetch = (after, limit, task)
+        for k in range(self._push.window):
+            start = after + k * limit
+            if start + limit > last_seq:
+                break  # not a full batch written yet
+            task = asyncio.ensure_future(read_and_frame(start))
+            task.add_done_callback(_retrieve)  # an unused prefetch's error is not an error
+            self._prefetch[start] = (limit, task)
 
     def _drop_prefetch(self) -> None:
-        if self._prefetch is not None:
-            self._prefetch[2].cancel()
-            self._prefetch = None
+        for _, task in self._prefetch.values():
+            task.cancel()
+        self._prefetch.clear()
 
     async def _next_batch(self, after: int, limit: int) -> InFlight | None:
-        """The next framed batch: the one prepared while the last push travelled, if it fits."""
-        ahead, self._prefetch = self._prefetch, None
+        """The next framed batch: one prepared while the last push travelled, if it fits."""
+        ahead = self._prefetch.pop(after, None)
         if after >= self.store.cursors().last_seq:  # nothing written since: no outbox read
             if ahead is not None:
-                ahead[2].cancel()
+                ahead[1].cancel()
             return None
         if ahead is not None:
-            ahead_after, ahead_limit, task = ahead
-            if ahead_after == after and ahead_limit <= limit and not task.cancelled():
+            ahead_limit, task = ahead
+            if ahead_limit <= limit and not task.cancelled():
                 try:
                     batch = await task
                 except (sqlite3.Error, SyncError):
