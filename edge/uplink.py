@@ -6,9 +6,10 @@ bytes and says how long to back off. The I/O is all here.
 
 * Push: wait on the store's ``changed`` event (set after every committed local write), then
   send the outbox after the acknowledged watermark in batches of ``batch_max_changes``, as the
-  stored msgpack blobs, and record each ack; loop while more is waiting. In a backlog up to
-  the session's window of batches go out at once (the cloud applies them in order) and the
-  next one is read and framed while they travel. ``sequence_gap`` resumes from the cloud's
+  stored msgpack blobs, and record each ack; loop while more is waiting. In a backlog the
+  session's window of batches is out at once and slides: each answer lets the next batch go,
+  so the cloud (which applies them in order) always has one queued, and the batches beyond
+  the window are read and framed while it travels. ``sequence_gap`` resumes from the cloud's
   ``expected`` (``decide_gap``); a refusal (4xx) is shown in the status and retried with
   backoff, keeping every change.
 * Pull: long-poll ``GET /v1/sync/pull`` after the durable cursor (saying up to which seq the
@@ -29,7 +30,7 @@ import logging
 import random
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -44,7 +45,6 @@ from sync_protocol.wire import PullPage, decode_error
 
 from .config import SyncSettings
 from .errors import EdgeError, EdgeErrorCode
-from .state import Cursors
 from .store import EdgeStore, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,10 @@ class Uplink:
     # -- push ------------------------------------------------------------------------------
 
     async def _push_step(self) -> bool:
-        """Send the next batch (two, in a backlog) and record the acks; False if none."""
+        """Send the next batch (a sliding window of them in a backlog), record the acks.
+
+        Returns False when there was nothing to send.
+        """
         cursors = self.store.cursors()
         self._push.acked_through = cursors.acked_through
         # A database restored from an older copy reuses sequence numbers the cloud already
@@ -394,38 +397,76 @@ class Uplink:
             if following is None:
                 break
             batches.append(following)
-        bodies = [self._push.send_prepared(b) for b in batches]
-        if _full(batches[-1], limit):  # likely more: frame the next while these travel
+        sliding = not probing and _full(batches[-1], limit)
+        if sliding:  # likely more: frame the next window while this one travels
             self._prefetch_outbox(batches[-1].last)
         http = self._require_http()
+        out: deque[tuple[InFlight, asyncio.Future[tuple[int, bytes, int]], int, int]] = deque()
+
+        async def send(group: list[InFlight], sent_before: int) -> None:
+            """Mark ``group`` sent (durably, before any byte leaves), then post each batch."""
+            bodies = [self._push.send_prepared(b) for b in group]
+            try:
+                await self.store.mark_sent(group[-1].last)
+            except BaseException:
+                self._push.abort()
+                raise
+            sent = self._now_ms()
+            for batch, body in zip(group, bodies, strict=True):
+                out.append(
+                    (batch, asyncio.ensure_future(self._post(http, body)), sent, sent_before)
+                )
+
+        first = True
         try:
-            await self.store.mark_sent(batches[-1].last)
-        except BaseException:
-            self._push.abort()
-            raise
-        sent = self._now_ms()
-        posts = [asyncio.ensure_future(self._post(http, body)) for body in bodies]
-        try:
-            for index, (batch, post) in enumerate(zip(batches, posts, strict=True)):
+            await send(batches, cursors.sent_through)
+            while out:
+                batch, post, sent, sent_before = out.popleft()
                 try:
                     status, data, received = await post
                 except _STEP_ERRORS as exc:
                     raise self._failed(self._push, "push", _network_code(exc), str(exc)) from exc
                 if status != 200:
-                    if index and decode_error(data)[0] == ErrorCode.SEQUENCE_GAP:
+                    if not first and decode_error(data)[0] == ErrorCode.SEQUENCE_GAP:
                         # Checked before the batch ahead of it committed (another worker):
                         # not a loss, just send it again.
                         self._push.abort()
                         return True
                     return await self._push_refused(status, data)
-                await self._take_ack(batch, data, cursors, sent, received)
+                first = False
+                await self._take_ack(batch, data, sent_before, sent, received)
+                if sliding:
+                    # A sliding window: the answer freed a place, so the next batch goes out
+                    # now and the cloud, which applies batches in order, always has one queued.
+                    tail = out[-1][0] if out else batch
+                    sliding = await self._slide(tail, limit, send)
         finally:
-            for post in posts:
+            for _, post, _, _ in out:
                 post.cancel()
-            await asyncio.gather(*posts, return_exceptions=True)
+            await asyncio.gather(*(post for _, post, _, _ in out), return_exceptions=True)
         self._probe = False
         if self._batch < self.settings.batch_max_changes:
             self._batch = min(self.settings.batch_max_changes, self._batch * 2)
+        return True
+
+    async def _slide(
+        self,
+        tail: InFlight,
+        limit: int,
+        send: Callable[[list[InFlight], int], Awaitable[None]],
+    ) -> bool:
+        """Send the full batch after ``tail``, if there is one; False once the backlog ends."""
+        try:
+            following = await self._next_batch(tail.last, limit)
+        except LocalProtocolError:
+            return False  # sent on its own by the next step, where its error counts
+        if following is None:
+            return False
+        await send([following], self.store.cursors().sent_through)
+        if not _full(following, limit):
+            return False
+        if following.last not in self._prefetch:
+            self._prefetch_outbox(following.last)
         return True
 
     async def _post(self, http: aiohttp.ClientSession, body: bytes) -> tuple[int, bytes, int]:
@@ -438,7 +479,7 @@ class Uplink:
             return resp.status, await resp.read(), self._now_ms()
 
     async def _take_ack(
-        self, batch: InFlight, data: bytes, cursors: Cursors, sent: int, received: int
+        self, batch: InFlight, data: bytes, sent_before: int, sent: int, received: int
     ) -> None:
         """Check and record the answer to ``batch``."""
         try:
@@ -448,13 +489,13 @@ class Uplink:
         self._observe(ack.hlc, sent, received, ack.server_ms)
         duplicates = ack.outcomes.get("duplicate", 0)
         held_through = batch.first + duplicates - 1
-        if duplicates and held_through > cursors.sent_through:
+        if duplicates and held_through > sent_before:
             raise EdgeError(
                 EdgeErrorCode.CLOUD_AHEAD,
                 f"the cloud already holds seq {held_through} of this node, which never sent "
                 "it: this database was restored from an older copy",
                 held_through=held_through,
-                sent_through=cursors.sent_through,
+                sent_through=sent_before,
             )
         acked_before = self.store.cursors().acked_through
         await self.store.record_ack(ack)

@@ -105,13 +105,17 @@ class Fault:
     * ``drop_response``: like ``hold_response`` but cut the connection at the answer;
     * ``cut_response``: forward ``after_bytes`` bytes of the answer, then cut;
     * ``observe``: pass everything through, firing once the answer has been relayed.
+
+    The first ``skip`` matching requests pass untouched (to hit one in the middle of a run).
     """
 
     path: str
     action: str
     after_bytes: int = 0
     times: int = 1
+    skip: int = 0
     hits: int = 0
+    skipped: int = 0
     fired: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -170,9 +174,11 @@ class Proxy:
                 task.cancel()
             await asyncio.gather(*stragglers, return_exceptions=True)
 
-    def arm(self, path: str, action: str, after_bytes: int = 0, times: int = 1) -> Fault:
-        """Misbehave for the next ``times`` requests to ``path``; returns the fault."""
-        fault = Fault(path, action, after_bytes, times)
+    def arm(
+        self, path: str, action: str, after_bytes: int = 0, times: int = 1, skip: int = 0
+    ) -> Fault:
+        """Misbehave for ``times`` requests to ``path`` after ``skip`` more; returns the fault."""
+        fault = Fault(path, action, after_bytes, times, skip)
         self.faults.append(fault)
         return fault
 
@@ -186,6 +192,9 @@ class Proxy:
         self.requests.append(f"{parts[0].decode('latin-1')} {target}")
         for fault in self.faults:
             if fault.hits < fault.times and target.startswith(fault.path):
+                if fault.skipped < fault.skip:
+                    fault.skipped += 1
+                    return None
                 fault.hits += 1
                 return fault
         return None

@@ -17,7 +17,15 @@ from edge.state import status_from_file
 from edge.store import wall_clock_ms
 from sync_protocol import wire
 
-from .harness import Edge, Fleet, fleet, sqlite_exec, wait_until, write_locked
+from .harness import (
+    Edge,
+    Fleet,
+    edge_settings,
+    fleet,
+    sqlite_exec,
+    wait_until,
+    write_locked,
+)
 
 ITEMS = ("burger", "chips", "cola")
 START_STOCK = 1000
@@ -249,6 +257,28 @@ def test_connection_drops_mid_batch(
             assert error_seen.online
             await assert_exact(f, site, [edge], sold(till), added)
             assert set(NEW_ITEMS) <= set(await edge.rows("menu_items"))
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("action", ["cut_request", "cut_response", "drop_response"])
+def test_a_fault_in_the_middle_of_a_sliding_window_loses_and_repeats_nothing(
+    tmp_path: Path, pg_database: str, action: str
+) -> None:
+    async def body() -> None:
+        async with fleet(pg_database, tmp_path) as f:
+            site, edge = await open_site(f, settings=edge_settings(batch_max_changes=20))
+            await edge.stop()
+            till = Till(edge)
+            await till.sell(60, lines=3)  # several windows of 20-change batches
+            # The sixth push is one sent as an earlier answer came back, with others in flight.
+            fault = edge.proxy.arm("/v1/sync/push", action, after_bytes=60, skip=5)
+            await edge.start()
+            await asyncio.wait_for(fault.fired.wait(), 10)
+            await f.drain([edge])
+            await assert_exact(f, site, [edge], sold(till))
+            pushes = edge.proxy.requests.count("POST /v1/sync/push")
+            assert pushes > 3 * 3, pushes  # it did slide through more than one window
 
     asyncio.run(body())
 
