@@ -9,6 +9,8 @@ shows that snapshot, never the live menu. A ticket's ``course`` is the course fi
 when all courses fire at once, their one course if they share it (else null). Each line is
 marked fired with its ticket's id, and an open order moves to fired through the transition
 table. Nothing is ever sent twice: a fire that finds nothing new is ``409 conflict``.
+A line voided after it was fired is struck off its ticket by the void (``edge.ticket_voids``),
+which finds the ticket's item by the ``line_id`` written here.
 """
 
 from __future__ import annotations

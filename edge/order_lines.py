@@ -20,12 +20,15 @@ neither can lose the other's; the store's single writer runs them one after the 
   other order with ``moved_from`` naming the original; a fired line stays fired (and the
   receiving order becomes fired if it was only open). A move is not waste, so it needs
   ``order.transfer`` rather than a void permission.
+* Both voids strike a fired line off its kitchen ticket in the same transaction
+  (``edge.ticket_voids``), so every screen of its station sees it, and it syncs; a line
+  never fired touches no ticket.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -40,6 +43,7 @@ from .menu import price_line
 from .order_views import OrderView
 from .orders import load, move, require_editable, require_move, status_of, view
 from .rows import as_bool, as_str
+from .ticket_voids import item_line_ids, marks_json, parse_items, stored_marks, ticket_voids
 from .tx import Tx
 
 NewId = Callable[[str], str]
@@ -166,6 +170,8 @@ def void_line(
     if fired and not may_void_sent:
         raise _approval_required("the line was sent to the kitchen")
     tx.write("order_lines", line_id, Op.UPDATE, _void(reason, voided_by, fired, approved_by))
+    if fired:
+        _strike_off_tickets(tx, [line_id])
     return view(tx, order_id)
 
 
@@ -188,10 +194,14 @@ def void_order(
     current = view(tx, order_id)
     if sent_lines_live(current) and not may_void_sent:
         raise _approval_required("lines of the order were sent to the kitchen")
+    sent = []
     for line in current.lines:
         if not line.voided:
             fields = _void(reason, voided_by, line.fired, approved_by)
             tx.write("order_lines", line.id, Op.UPDATE, fields)
+            if line.fired:
+                sent.append(line.id)
+    _strike_off_tickets(tx, sent)
     move(tx, order, OrderStatus.VOIDED, closed_at_ms=tx.now_ms)
     return view(tx, order_id)
 
@@ -231,6 +241,49 @@ def _void(reason: str, voided_by: str, fired: bool, approved_by: str | None) -> 
     if fired:
         fields["void_approved_by"] = approved_by or voided_by
     return fields
+
+
+def struck_off(line: Mapping[str, object] | None) -> bool:
+    """Whether a line's item is off the kitchen's list: voided, and not moved elsewhere."""
+    return line is not None and bool(line.get("voided")) and line.get("void_reason") != MOVED
+
+
+def _strike_off_tickets(tx: Tx, voided: Sequence[str]) -> None:
+    """Strike the just-voided fired lines ``voided`` off their tickets (``edge.ticket_voids``)."""
+    by_ticket: dict[str, list[str]] = {}
+    for line_id in voided:
+        line = tx.get("order_lines", line_id)
+        ticket_id = line.get("ticket_id") if line is not None else None
+        if isinstance(ticket_id, str) and ticket_id:
+            by_ticket.setdefault(ticket_id, []).append(line_id)
+    for ticket_id, line_ids in by_ticket.items():
+        ticket = tx.get("tickets", ticket_id)
+        if ticket is None:
+            continue
+        items = {i for i in item_line_ids(parse_items(ticket.get("items"))) if i is not None}
+        struck = {_item_carried(tx, line_id, items) for line_id in line_ids}
+        struck |= {i for i in items if struck_off(tx.get("order_lines", i))}
+        marks = ticket_voids(ticket, struck)
+        fields: dict[str, Value] = {}
+        if list(marks.line_ids) != stored_marks(ticket.get("voided_line_ids")):
+            fields["voided_line_ids"] = marks_json(marks.line_ids)
+        if marks.voided and not ticket.get("voided"):
+            fields["voided"] = True
+        if fields:
+            tx.write("tickets", ticket_id, Op.UPDATE, fields)
+
+
+def _item_carried(tx: Tx, line_id: str, items: set[str]) -> str:
+    """The ticket item a line carries: its own, or, for a moved copy, the line it replaces."""
+    current, seen = line_id, set()
+    while current not in items and current not in seen:
+        seen.add(current)
+        line = tx.get("order_lines", current)
+        moved_from = line.get("moved_from") if line is not None else None
+        if not isinstance(moved_from, str):
+            break
+        current = moved_from
+    return current
 
 
 def _approval_required(why: str) -> ApiError:

@@ -9,6 +9,8 @@ Domain rules shipped here:
 - order lines are add-only: every column but the void columns is set once, a void is its own
   change, and ``voided`` is sticky, so two tablets adding lines never lose one;
 - an order's status only moves forward (``ORDER_STATUS_RANKS``);
+- a kitchen ticket's ``voided`` is sticky; the items struck off it are rebuilt from the
+  lines' own sticky voids whenever it is written or read (``edge.ticket_voids``);
 - stock counts are counters: changes carry deltas and concurrent deltas add up.
 """
 
@@ -157,10 +159,17 @@ TICKETS = TableSpec(
         Column("fired_by", TEXT, Merge.IMMUTABLE),
         Column("bumped", BOOL, default=False, doc="done; a recall sets it back"),
         Column("bumped_at_ms", INT),
+        Column("voided", BOOL, Merge.STICKY, default=False, doc="every item on it was voided"),
+        Column(
+            "voided_line_ids",
+            TEXT,
+            doc="JSON list of the items (line ids) voided after firing; readers add each "
+            "item whose line is voided, so a list lost to a concurrent write loses no void",
+        ),
     ),
     author=Author.EDGE,
     strategy=Strategy.SMART_MERGE,
-    doc="Kitchen tickets: the lines of one course for one station, as fired.",
+    doc="Kitchen tickets: the lines of one course for one station, as fired, and their voids.",
 )
 
 ROLES = TableSpec(

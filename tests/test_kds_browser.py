@@ -3,7 +3,8 @@
 Debian's ``chromium`` is driven by Playwright (no browser download): an unpaired screen pairs
 with a code a manager made through the API (a wrong code says why and leaves the form up),
 tickets fired or written in the store appear live with running age timers, bump and recall
-reach the store, and the "connection lost" banner shows within 5 s when the edge goes away
+reach the store, a line or order voided through the API is struck through or shows "VOID" on
+its ticket at once, and the "connection lost" banner shows within 5 s when the edge goes away
 (stopped, or silent behind a frozen link) and clears by itself when it is back, with the
 tickets fired meanwhile on screen.
 Skipped, saying why, only when no Chromium binary exists (``.ci/run`` installs it).
@@ -319,5 +320,73 @@ def test_the_banner_shows_when_the_link_goes_silent_and_clears_after(tmp_path: P
             finally:
                 await page.close()
                 await link.close()
+
+    asyncio.run(body())
+
+
+async def void_through_api(edge: Edge, till: Tablet, path: str) -> None:
+    """A manager voids a line or an order (``path``) through the API, on ``till``."""
+    status, answer, _ = await edge.call(
+        "POST", path, till.headers("mia"), json={"reason": "sent back"}
+    )
+    assert status == 200, answer
+
+
+def test_a_voided_line_is_struck_through_and_a_voided_order_shows_void_live(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with kds(tmp_path) as (server, edge, page, screen):
+            till = await edge.pair("till")
+            for who in ("sam", "mia"):
+                await edge.login(till, who)
+            await open_kds(page, edge.url, screen)
+            [kitchen] = await fire_order(edge, till, "T4", "soup", "steak")
+            soup, steak = (item["line_id"] for item in kitchen["items"])
+            order_id = (await edge.store.get("tickets", kitchen["id"]) or {})["order_id"]
+            card = page.locator(f'.ticket[data-id="{kitchen["id"]}"]')
+            soup_item = card.locator(".items > li", has_text="Soup")
+            steak_item = card.locator(".items > li", has_text="Steak")
+            await expect(soup_item).to_contain_text("1×Soup")
+            await expect(card.locator(".items > li.voided")).to_have_count(0)
+            await expect(card.locator(".void-banner")).to_have_count(0)
+            # The soup is voided at the till: struck through and tagged on the screen at once.
+            await void_through_api(edge, till, f"/v1/orders/{order_id}/lines/{soup}/void")
+            await expect(soup_item).to_have_class(re.compile(r"\bvoided\b"))
+            await expect(soup_item.locator(".void-tag")).to_have_text("VOID")
+            await expect(soup_item.locator(".name")).to_have_css(
+                "text-decoration-line", "line-through"
+            )
+            await expect(steak_item).not_to_have_class(re.compile(r"\bvoided\b"))
+            await expect(steak_item.locator(".name")).to_have_css("text-decoration-line", "none")
+            await expect(card.locator(".void-banner")).to_have_count(0)  # the steak is still on
+            # A list from another edge that lost the soup's mark (last writer wins) arrives,
+            # then a new ticket: once that shows, the list was applied, and the soup stays off.
+            lost = ("tickets", kitchen["id"], Op.UPDATE, {"voided_line_ids": "[]"})
+            await edge.store.write_many([lost, ticket("later")])
+            await expect(page.locator('.ticket[data-id="later"]')).to_be_visible()
+            await expect(soup_item).to_have_class(re.compile(r"\bvoided\b"))
+            # The whole order is voided: the ticket says VOID and stays until the cook bumps it.
+            await void_through_api(edge, till, f"/v1/orders/{order_id}/void")
+            await expect(card.locator(".void-banner")).to_have_text("VOID")
+            await expect(card).to_have_class(re.compile(r"\bvoided\b"))
+            await expect(steak_item).to_have_class(re.compile(r"\bvoided\b"))
+            await expect(page.locator(".ticket")).to_have_count(2)
+            # It all came over the live socket: the page loaded from REST only once.
+            await expect(page.locator("body")).to_have_attribute("data-reloads", "1")
+            # Bumping clears it as usual; the recall list says it was void.
+            await card.locator(".bump").click()
+            await expect(card).to_have_count(0)
+            row = await edge.store.get("tickets", kitchen["id"]) or {}
+            assert row["bumped"] is True and row["voided"] is True
+            recalled = page.locator(f'.recalled[data-id="{kitchen["id"]}"]')
+            await expect(recalled).to_contain_text("VOID T4")
+            # A reload from REST draws the same marks.
+            await page.reload()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            await expect(recalled).to_contain_text("VOID T4")
+            await recalled.locator(".recall-button").click()
+            await expect(card.locator(".void-banner")).to_have_text("VOID")
+            await expect(card.locator(".items > li.voided")).to_have_count(2)
 
     asyncio.run(body())

@@ -9,18 +9,26 @@ Who may bump: a paired device of kind ``kds`` (a kitchen screen has no employee 
 employee with ``kitchen.bump`` logged in on any other device (``Authorization: Bearer``, as on
 every employee route). The routes are declared ``Auth.DEVICE`` and ``_check_bumper`` does the
 rest, so the audit entry names the employee when there is one.
+
+Voids (``edge.ticket_voids``): a ticket says whether it is void (every item on it voided)
+and which items were struck off (by the ``line_id`` each item names). The marks are read as
+the stored ones plus every item whose own order line is voided (not moved), so a mark lost
+to a concurrent write on another edge still shows.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Container, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from shared.roles import Permission
-from sync_protocol.changes import Op, Value
+from sync_protocol.changes import Op
 
+from ..order_lines import struck_off
+from ..store import EdgeStore
+from ..ticket_voids import item_line_ids, parse_items, ticket_voids
 from ..tx import Tx
 from .auth import AUTHENTICATOR
 from .errors import ApiCode, ApiError
@@ -31,7 +39,7 @@ routes = ApiRoutes("kitchen")
 KDS_KIND = "kds"  # the device kind of a kitchen screen
 _FIELDS = (
     "order_id", "check_number", "table_name", "station", "course", "items", "fired_at_ms",
-    "fired_by", "bumped", "bumped_at_ms",
+    "fired_by", "bumped", "bumped_at_ms", "voided", "voided_line_ids",
 )  # fmt: skip
 _COLUMNS = ", ".join(("id", *_FIELDS))
 
@@ -45,7 +53,7 @@ class TicketQuery(msgspec.Struct, frozen=True):
 
 
 class Ticket(msgspec.Struct, frozen=True):
-    """A kitchen ticket: the lines of one course for one station, as fired."""
+    """A kitchen ticket: the lines of one course for one station, as fired, and its voids."""
 
     id: str
     order_id: str | None
@@ -53,11 +61,13 @@ class Ticket(msgspec.Struct, frozen=True):
     table_name: str | None
     station: str | None
     course: int | None
-    items: list[Any]  # the lines as fired (the orders module's shape), parsed from JSON
+    items: list[Any]  # the lines as fired (the firing module's shape), parsed from JSON
     fired_at_ms: int | None
     fired_by: str | None
     bumped: bool
     bumped_at_ms: int | None
+    voided: bool  # every item on it was voided: nothing left to make
+    voided_line_ids: list[str]  # the items struck off (their line ids), in ticket order
 
 
 class TicketList(msgspec.Struct, frozen=True):
@@ -66,20 +76,43 @@ class TicketList(msgspec.Struct, frozen=True):
     tickets: list[Ticket]
 
 
-def _items(text: Value) -> list[Any]:
-    try:
-        items = json.loads(str(text)) if text else []
-    except ValueError:
-        return []
-    return items if isinstance(items, list) else []
-
-
-def _ticket(row: tuple[Any, ...]) -> Ticket:
-    tid, order, check, table, station, course, items, fired, by, bumped, bumped_at = row
+def _ticket(tid: str, row: Mapping[str, Any], struck: Container[str]) -> Ticket:
+    """A ticket from its row; ``struck`` holds the line ids whose lines are voided."""
+    voids = ticket_voids(row, struck)
+    g = row.get
     return Ticket(
-        tid, order, check, table, station, course, _items(items), fired, by, bool(bumped),
-        bumped_at,
+        tid, g("order_id"), g("check_number"), g("table_name"), g("station"), g("course"),
+        parse_items(g("items")), g("fired_at_ms"), g("fired_by"), bool(g("bumped")),
+        g("bumped_at_ms"), voids.voided, list(voids.line_ids),
     )  # fmt: skip
+
+
+def _line_ids(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The order lines the tickets' items name."""
+    return [
+        line_id
+        for row in rows
+        for line_id in item_line_ids(parse_items(row.get("items")))
+        if line_id is not None
+    ]
+
+
+async def _struck(store: EdgeStore, rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Which of the lines the tickets' items name are voided (read on the store's reader)."""
+    ids = _line_ids(rows)
+    if not ids:
+        return set()
+    found = await store.query(
+        "SELECT id, voided, void_reason FROM order_lines"
+        " WHERE id IN (SELECT value FROM json_each(?))",
+        (msgspec.json.encode(ids).decode(),),
+    )
+    return {r[0] for r in found if struck_off({"voided": r[1], "void_reason": r[2]})}
+
+
+def _struck_in(tx: Tx, row: Mapping[str, Any]) -> set[str]:
+    """``_struck`` for one ticket, inside a transaction."""
+    return {i for i in _line_ids([row]) if struck_off(tx.get("order_lines", i))}
 
 
 @routes.route(
@@ -105,7 +138,12 @@ async def list_tickets(ctx: Ctx) -> TicketList:
             " ORDER BY bumped_at_ms DESC, id LIMIT ?"
         )
         params = (query.station, query.limit)
-    return TicketList([_ticket(tuple(row)) for row in await ctx.store.query(sql, params)])
+    rows = [
+        (row[0], dict(zip(_FIELDS, row[1:], strict=True)))
+        for row in await ctx.store.query(sql, params)
+    ]
+    struck = await _struck(ctx.store, (row for _, row in rows))
+    return TicketList([_ticket(tid, row, struck) for tid, row in rows])
 
 
 async def _check_bumper(ctx: Ctx) -> None:
@@ -129,7 +167,7 @@ async def _set_bumped(ctx: Ctx, bumped: bool) -> Ticket:
     ticket_id = ctx.params["ticket_id"]
     found = await ctx.store.get("tickets", ticket_id)
     if found is not None and bool(found.get("bumped")) == bumped:  # a double tap: no change
-        return _ticket((ticket_id, *(found.get(name) for name in _FIELDS)))
+        return _ticket(ticket_id, found, await _struck(ctx.store, [found]))
 
     def change(tx: Tx) -> Ticket:
         row = tx.get("tickets", ticket_id)
@@ -139,7 +177,7 @@ async def _set_bumped(ctx: Ctx, bumped: bool) -> Ticket:
             fields = {"bumped": bumped, "bumped_at_ms": tx.now_ms if bumped else None}
             tx.write("tickets", ticket_id, Op.UPDATE, fields)
             row.update(fields)
-        return _ticket((ticket_id, *(row.get(name) for name in _FIELDS)))
+        return _ticket(ticket_id, row, _struck_in(tx, row))
 
     return await ctx.mutate(change)
 

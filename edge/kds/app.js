@@ -9,6 +9,12 @@
 // silence, a closed socket, or a connection that is not ready within 4 s shows the
 // "Connection lost" banner and reconnects with backoff, resuming from the last seq; "ready"
 // clears the banner. Ages are counted on the edge's clock (now_ms of ready and heartbeats).
+//
+// Voids. A ticket names the items struck off it (voided_line_ids: a list over REST, JSON
+// text in a live row) and whether it is void altogether (voided). A void ticket shows a
+// "VOID" banner until the cook bumps it; a voided item is struck through and tagged "VOID".
+// Marks only ever accumulate: the page keeps those it has shown for a ticket, so a list that
+// lost a concurrent mark on another edge cannot bring a voided item back.
 "use strict";
 
 (() => {
@@ -181,8 +187,8 @@
       return;
     }
     if (generation !== state.generation) return;
-    state.open = new Map(open.map((t) => [t.id, ticketOf(t)]));
-    state.bumped = new Map(bumped.map((t) => [t.id, ticketOf(t)]));
+    state.open = new Map(open.map((t) => [t.id, ticketOf(t, shown(t.id))]));
+    state.bumped = new Map(bumped.map((t) => [t.id, ticketOf(t, shown(t.id))]));
     let through = state.heldSeq;
     for (const msg of state.held) {
       apply(msg.data);
@@ -195,25 +201,41 @@
 
   // -- tickets --------------------------------------------------------------------------------
 
-  function ticketOf(raw) {
-    let items = raw.items;
-    if (typeof items === "string") {
+  function listOf(value) {
+    if (typeof value === "string") {
       try {
-        items = JSON.parse(items);
+        value = JSON.parse(value);
       } catch {
-        items = [];
+        value = [];
       }
     }
-    return { ...raw, items: Array.isArray(items) ? items : [] };
+    return Array.isArray(value) ? value : [];
+  }
+
+  function shown(id) {
+    return state.open.get(id) ?? state.bumped.get(id);
+  }
+
+  // A ticket as drawn: its items, the line ids struck off (with those already shown), and
+  // whether it is void (marked so, or every item struck off).
+  function ticketOf(raw, before) {
+    const items = listOf(raw.items);
+    const struck = new Set(before?.struck ?? []);
+    for (const id of listOf(raw.voided_line_ids)) if (typeof id === "string") struck.add(id);
+    const lineOf = (item) => (item && typeof item === "object" ? item.line_id : undefined);
+    const every = items.length > 0 && items.every((item) => struck.has(lineOf(item)));
+    const voided = Boolean(before?.voided || raw.voided || every);
+    return { ...raw, items, struck, voided };
   }
 
   function apply(data) {
     if (!data || data.table !== "tickets") return;
+    const before = shown(data.id);
     state.open.delete(data.id);
     state.bumped.delete(data.id);
     const row = data.row;
     if (!row || (row.station && row.station !== station)) return;
-    const ticket = ticketOf({ id: data.id, ...row });
+    const ticket = ticketOf({ id: data.id, ...row }, before);
     (ticket.bumped ? state.bumped : state.open).set(ticket.id, ticket);
   }
 
@@ -245,11 +267,15 @@
     return node;
   }
 
-  function itemNode(item) {
+  function itemNode(item, ticket) {
     const li = el("li");
     if (typeof item === "string") {
       li.append(el("span", "name", item));
       return li;
+    }
+    if (ticket.voided || ticket.struck.has(item.line_id)) {
+      li.classList.add("voided");
+      li.append(el("span", "void-tag", "VOID"));
     }
     const qty = item.qty ?? item.quantity ?? 1;
     li.append(el("span", "qty", `${qty}×`), el("span", "name", item.name ?? item.item_name ?? "?"));
@@ -274,9 +300,15 @@
     age.dataset.fired = String(ticket.fired_at_ms ?? Date.now() + state.offsetMs);
     header.append(el("span", "table", ticket.table_name ?? ""), el("span", "check", check + course), age);
     const items = el("ul", "items");
-    for (const item of ticket.items) items.append(itemNode(item));
+    for (const item of ticket.items) items.append(itemNode(item, ticket));
     const bump = el("button", "bump", "Bump");
     bump.type = "button";
+    if (ticket.voided) {
+      node.classList.add("voided");
+      const banner = el("p", "void-banner", "VOID");
+      banner.setAttribute("role", "alert");
+      node.append(banner);
+    }
     node.append(header, items, bump);
     return node;
   }
@@ -285,7 +317,8 @@
     const li = el("li", "recalled");
     li.dataset.id = ticket.id;
     const names = ticket.items.map((i) => (typeof i === "string" ? i : i.name)).join(", ");
-    const what = `${ticket.table_name ?? ""} #${ticket.check_number ?? ""} ${names}`;
+    const label = `${ticket.table_name ?? ""} #${ticket.check_number ?? ""} ${names}`;
+    const what = ticket.voided ? `VOID ${label}` : label;
     const button = el("button", "recall-button", "Recall");
     button.type = "button";
     li.append(el("span", "what", what), button);
