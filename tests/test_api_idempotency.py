@@ -103,6 +103,9 @@ def test_answers_expire_after_a_day_and_only_then(tmp_path: Path) -> None:
         assert len(keys) == 2
         # A day after the first answer: it goes, the one a second younger stays.
         edge.set_wall_clock(now + idempotency.KEEP_MS + 1)
+        restarted = idempotency.AnsweredKeys()  # what a restart now would hold in memory
+        await restarted.load(edge.store)
+        assert len(restarted) == 1 and restarted.may_have(till.device_id, "till-86-000002")
         assert await idempotency.prune(edge.store, keys) == 1
         assert edge.sql("SELECT key FROM idempotency") == [("till-86-000002",)]
         assert not keys.may_have(till.device_id, "till-86-000001")

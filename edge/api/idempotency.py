@@ -6,7 +6,8 @@ of method, path and body), and a retry gets that answer back before anything is 
 again. ``AnsweredKeys`` remembers which keys have a stored answer, so that a new key (nearly
 every request) costs no read before its transaction: it is loaded from the table at start-up
 and grows as answers commit. Only this process writes the table, so a key it does not hold
-has no answer yet; one still in flight is caught inside the transaction, which looks again.
+has no answer yet; one still in flight (or expired and not pruned yet) is caught inside the
+transaction, which looks again.
 
 Answers older than ``KEEP_MS`` (a day, as card processors keep theirs: a tablet retries
 within seconds, or at worst after a night off) are deleted every ``PRUNE_EVERY_S`` seconds,
@@ -40,9 +41,12 @@ class AnsweredKeys:
     def __len__(self) -> int:
         return len(self._keys)
 
-    async def load(self, store: EdgeStore) -> None:
-        """Start from the keys in the table."""
-        rows = await store.query("SELECT device_id, key FROM idempotency")
+    async def load(self, store: EdgeStore, keep_ms: int = KEEP_MS) -> None:
+        """Start from the keys in the table that have not expired (the rest are pruned)."""
+        rows = await store.query(
+            "SELECT device_id, key FROM idempotency WHERE at_ms >= ?",
+            (store.clock.now_ms() - keep_ms,),
+        )
         self._keys = {(str(device), str(key)) for device, key in rows}
 
     def may_have(self, device_id: str, key: str) -> bool:
