@@ -53,6 +53,7 @@ class Ticket(msgspec.Struct, frozen=True):
     """What one station must make for this fire."""
 
     id: str
+    order_id: str  # the order fired
     station: str
     course: int | None
     items: list[TicketItem]
@@ -95,6 +96,7 @@ def fire(
         courses = {line.course for line in group}
         ticket = Ticket(
             new_id("tkt"),
+            order_id,
             station,
             course if course is not None else (courses.pop() if len(courses) == 1 else None),
             [_item(line) for line in group],

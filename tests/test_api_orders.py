@@ -347,6 +347,7 @@ def test_fire_sends_one_ticket_per_station_with_a_snapshot_of_its_lines(tmp_path
         assert got == 200
         bar, kitchen = fired["tickets"]
         assert (bar["station"], bar["course"], kitchen["station"]) == ("bar", 1, "kitchen")
+        assert (bar["order_id"], kitchen["order_id"]) == (oid, oid)  # each names its order
         assert bar["items"] == [
             {"line_id": ipa, "name": "IPA", "quantity": 2, "modifiers": [], "notes": None,
              "seat": 1, "course": 1},
@@ -1052,5 +1053,13 @@ def test_order_responses_match_the_openapi_document(tmp_path: Path) -> None:
             if path.endswith("/void"):
                 voids.append(got)
         assert voids == [409, 403, 422, 200]  # closed, sent, blank reason, voided
+        # A fired ticket names its order, and the document says it always does.
+        schemas = doc["components"]["schemas"]
+        fired = doc["paths"]["/v1/orders/{order_id}/fire"]["post"]["responses"]["200"]
+        fired_ref = fired["content"]["application/json"]["schema"]["$ref"]
+        ticket_ref = schemas[fired_ref.rpartition("/")[2]]["properties"]["tickets"]["items"]["$ref"]
+        ticket = schemas[ticket_ref.rpartition("/")[2]]
+        assert ticket["properties"]["order_id"] == {"type": "string"}
+        assert "order_id" in ticket["required"]
 
     run(body, tmp_path)
