@@ -578,3 +578,52 @@ def test_the_protocol_document_names_every_close_code_topic_and_setting() -> Non
         assert f"| `{topic}` |" in doc, topic
     for field in dataclasses.fields(LiveSettings):
         assert f"| `{field.name}` | `{field.default}` |" in doc, field.name
+
+
+async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The close code the edge sends next (heartbeats skipped), or None if it stays open."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            return ws.close_code
+    return None
+
+
+async def still_live(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """Whether the connection still gets its heartbeat."""
+    message = await receive(ws, time.monotonic() + DEADLINE_S)
+    return message["type"] in ("heartbeat", "event")
+
+
+def test_a_revoked_device_or_an_ended_session_loses_its_live_connections_at_once(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with edge_server(tmp_path) as (_, edge):
+            screen, other_screen = await edge.pair("pass", "kds"), await edge.pair("grill", "kds")
+            till, office = await edge.pair("till"), await edge.pair("office")
+            sam = await edge.login(till, "sam")
+            await edge.login(office, "mia")
+            revoked, _ = await connect(edge, screen.device_token, ["tickets:kitchen"])
+            kept, _ = await connect(edge, other_screen.device_token, ["tickets:kitchen"])
+            as_sam, _ = await connect(edge, till.device_token, ["orders"], session=sam)
+            device_only, _ = await connect(edge, till.device_token, ["menu"])
+
+            got, _, _ = await edge.call(
+                "POST", f"/v1/devices/{screen.device_id}/revoke", office.headers("mia")
+            )
+            assert got == 200
+            assert await closed_with(revoked) == Close.REVOKED
+            got, _, _ = await edge.call("POST", "/v1/sessions/logout", till.headers("sam"))
+            assert got == 200
+            assert await closed_with(as_sam) == Close.REVOKED
+            # Only what was revoked: the other screen, and the till's own device connection.
+            assert await still_live(kept) and await still_live(device_only)
+            # The revoked screen cannot come back.
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await edge.http.ws_connect(live_url(edge, screen.device_token))
+            for ws in (kept, device_only):
+                await ws.close()
+
+    asyncio.run(body())

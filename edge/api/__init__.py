@@ -20,7 +20,7 @@ from .auth import AUTHENTICATOR, Authenticator
 from .errors import error_middleware
 from .idempotency import ANSWERED, AnsweredKeys
 from .kitchen_routes import routes as kitchen_routes
-from .live import setup_live
+from .live import HUB, setup_live
 from .menu_routes import routes as menu_routes
 from .order_routes import routes as order_routes
 from .people_routes import routes as people_routes
@@ -76,6 +76,8 @@ def _authenticator_ctx(
         app[STORE] = store
         auth = Authenticator(store)
         app[AUTHENTICATOR] = auth
+        if HUB in app:  # started before: revoking a credential closes its live connections
+            auth.on_revoked(app[HUB].revoke)
         answered = app[ANSWERED] = AnsweredKeys()
         try:
             async with idempotency.keeping(store, answered):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -193,6 +193,23 @@ def revoke_device(tx: Tx, device_id: str) -> bool:
 # -- checks --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """What stopped being valid: a device (and its sessions), an employee's, or one session."""
+
+    device_id: str | None = None
+    employee_id: str | None = None
+    session_id: str | None = None
+
+    def covers(self, who: Principal) -> bool:
+        """Whether a caller authenticated as ``who`` is no longer valid."""
+        return (
+            (self.device_id is not None and who.device_id == self.device_id)
+            or (self.employee_id is not None and who.employee_id == self.employee_id)
+            or (self.session_id is not None and who.session_id == self.session_id)
+        )
+
+
 class Authenticator:
     """Checks credentials against the edge's tables, remembering what it has checked."""
 
@@ -202,6 +219,16 @@ class Authenticator:
         self._sessions: dict[str, _Session | None] = {}
         self._employees: dict[str, tuple[str, frozenset[Permission]] | None] = {}
         self._unsubscribe = store.subscribe(self._on_events)
+        self._listeners: list[Callable[[Revoked], None]] = []
+
+    def on_revoked(self, listener: Callable[[Revoked], None]) -> None:
+        """Call ``listener`` whenever a device, an employee or a session stops being valid
+        (the live endpoint closes the connections they opened)."""
+        self._listeners.append(listener)
+
+    def _revoked(self, revoked: Revoked) -> None:
+        for listener in self._listeners:
+            listener(revoked)
 
     def close(self) -> None:
         """Stop following the store's events."""
@@ -223,6 +250,7 @@ class Authenticator:
         self._sessions = {
             k: v for k, v in self._sessions.items() if not v or v.device_id != device_id
         }
+        self._revoked(Revoked(device_id=device_id))
 
     def forget_employee(self, employee_id: str) -> None:
         """Drop an employee's sessions and role from memory (deactivated, logged out)."""
@@ -230,12 +258,14 @@ class Authenticator:
             k: v for k, v in self._sessions.items() if not v or v.employee_id != employee_id
         }
         self._employees.pop(employee_id, None)
+        self._revoked(Revoked(employee_id=employee_id))
 
     def forget_session(self, session_id: str) -> None:
         """Drop an ended session from memory."""
         self._sessions = {
             k: v for k, v in self._sessions.items() if not v or v.session_id != session_id
         }
+        self._revoked(Revoked(session_id=session_id))
 
     async def device(self, token: str) -> Principal:
         """The paired device presenting ``token``, or DEVICE_NOT_PAIRED."""

@@ -15,8 +15,9 @@ Protocol (JSON text frames; docs/live.md is the full description):
   ``{"type":"event","seq":N,"topic":...,"data":{...}}`` in ``seq`` order, without gaps or
   duplicates for the subscription, and ``{"type":"heartbeat","seq":N,"now_ms":T}`` every
   second (everything up to N that matches was sent: a client may resume from N);
-* close codes: 4400 bad subscribe, 4403 a topic is not allowed, 4409 the client fell too far
-  behind (reconnect with ``since``), 1001 the edge is shutting down.
+* close codes: 4400 bad subscribe, 4401 the device was revoked or the session ended (at once,
+  not at the next request), 4403 a topic is not allowed, 4409 the client fell too far behind
+  (reconnect with ``since``), 1001 the edge is shutting down.
 
 How it works. ``live_hub.Hub`` does the fan-out (each event encoded once, bounded queues per
 client, replay without gaps or duplicates). This module checks the credential and the
@@ -142,17 +143,21 @@ async def live(request: web.Request) -> web.StreamResponse:
     try:
         sub = await _subscription(ws, principal, settings.subscribe_timeout_s)
         if sub is not None:
-            await _follow(request, ws, hub, sub)
+            await _follow(request, ws, hub, sub, principal)
     except ConnectionResetError:  # the client went away
         pass
     return ws
 
 
 async def _follow(
-    request: web.Request, ws: web.WebSocketResponse, hub: Hub, sub: Subscribe
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    hub: Hub,
+    sub: Subscribe,
+    principal: Principal,
 ) -> None:
     """Send ready and the replay, then let the hub's queue feed the client until it closes."""
-    client = hub.client(ws, request.transport, frozenset(sub.topics))
+    client = hub.client(ws, request.transport, frozenset(sub.topics), principal)
     start = hub.attach(client, sub.since)  # from here on, every new event is queued for it
     try:
         ready = {"type": "ready", "seq": start.head, "now_ms": wall_clock_ms()}

@@ -41,6 +41,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..store import EdgeStore, wall_clock_ms
 from ..tx import Event
+from .auth import Principal, Revoked
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Close(IntEnum):
     """Why the edge closed a live connection (WebSocket close codes)."""
 
     BAD_SUBSCRIBE = 4400
+    REVOKED = 4401
     FORBIDDEN = 4403
     TOO_SLOW = 4409
 
@@ -188,9 +190,11 @@ class Client:
         keys: frozenset[str],
         limits: tuple[int, int],  # (frames held during the replay, bytes buffered once live)
         on_drop: Callable[[], None],
+        principal: Principal | None = None,
     ) -> None:
         self.ws = ws
         self.keys = keys
+        self.principal = principal  #: who opened it (closed when that is revoked)
         self.limit, self.max_buffer = limits
         self.held: deque[bytes] | None = deque()  # None once live
         self.dropped = False  # closing: nothing more is sent
@@ -240,12 +244,15 @@ class Client:
         transport.write(frame)  # whole frames only, as aiohttp's own writer does
 
     def _drop(self) -> None:
+        self._on_drop()
+        self.end(Close.TOO_SLOW, "too far behind: reconnect with since")
+
+    def end(self, code: int, reason: str) -> None:
+        """Stop sending now and close in the background."""
         self.dropped = True
         self.held = None
-        self._on_drop()
-        self._closer = asyncio.ensure_future(
-            self.close(Close.TOO_SLOW, "too far behind: reconnect with since")
-        )
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self.close(code, reason))
 
     async def close(self, code: int, reason: str) -> None:
         """Stop sending and close (cutting the link if the close frame cannot get out)."""
@@ -345,11 +352,22 @@ class Hub:
         return set().union(*groups)
 
     def client(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, keys: frozenset[str]
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        keys: frozenset[str],
+        principal: Principal | None = None,
     ) -> Client:
-        """A new client following ``keys`` (not attached yet)."""
+        """A new client of ``principal`` following ``keys`` (not attached yet)."""
         limits = (self.settings.queue_limit, self.settings.buffer_limit)
-        return Client(ws, transport, keys, limits, self._count_drop)
+        return Client(ws, transport, keys, limits, self._count_drop, principal)
+
+    def revoke(self, revoked: Revoked) -> None:
+        """Close at once every connection opened with a credential that is no longer valid."""
+        for client in list(self._clients):
+            if client.principal is not None and revoked.covers(client.principal):
+                self.detach(client)
+                client.end(Close.REVOKED, "the credential was revoked or the session ended")
 
     def _count_drop(self) -> None:
         self.dropped += 1
