@@ -1,12 +1,13 @@
 """The kitchen display page in a real headless Chromium against a real edge on loopback.
 
 Debian's ``chromium`` is driven by Playwright (no browser download): an unpaired screen pairs
-with a code a manager made through the API (a wrong code says why and leaves the form up),
-tickets fired or written in the store appear live with running age timers, bump and recall
-reach the store, a line or order voided through the API is struck through or shows "VOID" on
-its ticket at once, and the "connection lost" banner shows within 5 s when the edge goes away
-(stopped, or silent behind a frozen link) and clears by itself when it is back, with the
-tickets fired meanwhile on screen.
+with a code a manager made through the API (a wrong code says why and leaves the form up; a
+double-click sends the code once; the name offered follows the station), a revoked screen
+goes back to pairing with no ticket left on it, tickets fired or written in the store appear
+live with running age timers, bump and recall reach the store, a line or order voided through
+the API is struck through or shows "VOID" on its ticket at once, and the "connection lost"
+banner shows within 5 s when the edge goes away (stopped, or silent behind a frozen link) and
+clears by itself when it is back, with the tickets fired meanwhile on screen.
 Skipped, saying why, only when no Chromium binary exists (``.ci/run`` installs it).
 """
 
@@ -228,6 +229,88 @@ def test_a_wrong_pairing_code_shows_why_and_leaves_the_form_up(tmp_path: Path) -
     asyncio.run(body())
 
 
+def test_a_double_click_on_pair_sends_the_code_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with browser_on_edge(tmp_path) as (_, edge, page):
+            till = await edge.pair("till")
+            await edge.login(till, "mia")
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            await page.goto(f"{edge.url}/kds")
+            await page.locator("#pair-code").fill(await pairing_code(edge, till))
+            await page.locator("#pair-form button[type=submit]").dblclick()
+            await expect(page.locator("#pairing")).to_be_hidden()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            await expect(page.locator("#pair-error")).to_have_text("")
+            assert [url for url in requested if "/pair" in url] == [f"{edge.url}/v1/devices/pair"]
+            # One screen, and no wrong guess counted against the address (or everyone).
+            status, listed, _ = await edge.call("GET", "/v1/devices", till.headers("mia"))
+            assert status == 200
+            screens = [d["name"] for d in listed["devices"] if d["kind"] == "kds"]
+            assert screens == ["Kitchen screen"]
+            assert edge.sql("SELECT subject, failures FROM pin_failures") == []
+
+    asyncio.run(body())
+
+
+def test_the_screen_name_offered_follows_the_station(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with browser_on_edge(tmp_path) as (_, edge, page):
+            till = await edge.pair("till")
+            await edge.login(till, "mia")
+            name = page.locator("#pair-name")
+            for query, offered in (("", "Kitchen screen"), ("?station=pass", "Pass screen")):
+                await page.goto(f"{edge.url}/kds{query}")
+                await expect(name).to_have_value(offered)
+            await page.goto(f"{edge.url}/kds?station=bar")
+            await expect(page.locator("#station")).to_have_text("bar")
+            await expect(name).to_have_value("Bar screen")
+            # Paired as offered, the edge knows it by that name.
+            await page.locator("#pair-code").fill(await pairing_code(edge, till))
+            await page.locator("#pair-form button[type=submit]").click()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            status, listed, _ = await edge.call("GET", "/v1/devices", till.headers("mia"))
+            assert status == 200
+            assert [d["name"] for d in listed["devices"] if d["kind"] == "kds"] == ["Bar screen"]
+
+    asyncio.run(body())
+
+
+def test_a_revoked_screen_goes_back_to_pairing_and_shows_no_tickets(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kds(tmp_path) as (server, edge, page, screen):
+            till = await edge.pair("till")
+            await edge.login(till, "mia")
+            await edge.store.write_many([ticket("t1"), ticket("t2")])
+            await open_kds(page, edge.url, screen)
+            await page.locator('.ticket[data-id="t1"] .bump').click()
+            await expect(page.locator('.recalled[data-id="t1"]')).to_be_visible()
+            await expect(page.locator(".ticket")).to_have_count(1)
+            # A manager revokes the screen: the edge closes its live connection at once, and
+            # the screen goes back to pairing without anyone touching it.
+            status, revoked, _ = await edge.call(
+                "POST", f"/v1/devices/{screen.device_id}/revoke", till.headers("mia")
+            )
+            assert status == 200 and revoked["revoked_at_ms"] is not None, revoked
+            await expect(page.locator("#pairing")).to_be_visible()
+            await expect(page.locator("body")).to_have_attribute("data-status", "unpaired")
+            # Nothing of what it showed is left behind the form: no ticket, no recall entry.
+            await expect(page.locator(".ticket")).to_have_count(0)
+            await expect(page.locator(".recalled")).to_have_count(0)
+            await expect(page.locator("#count")).to_have_text("0 open")
+            assert await page.evaluate("localStorage.getItem('fynlo.kds.device')") is None
+            assert (await edge.store.get("tickets", "t2") or {})["bumped"] is not True
+            # Paired again, it loads the station's tickets afresh.
+            await page.locator("#pair-code").fill(await pairing_code(edge, till))
+            await page.locator("#pair-form button[type=submit]").click()
+            await expect(page.locator("body")).to_have_attribute("data-status", "live")
+            await expect(page.locator('.ticket[data-id="t2"]')).to_be_visible()
+            await expect(page.locator('.recalled[data-id="t1"]')).to_be_visible()
+            await expect(page.locator("body")).to_have_attribute("data-reloads", "2")
+
+    asyncio.run(body())
+
+
 def test_the_banner_shows_when_the_edge_stops_and_clears_when_it_is_back(tmp_path: Path) -> None:
     async def body() -> None:
         async with kds(tmp_path) as (server, edge, page, screen):
@@ -343,7 +426,7 @@ def test_a_voided_line_is_struck_through_and_a_voided_order_shows_void_live(
             await open_kds(page, edge.url, screen)
             [kitchen] = await fire_order(edge, till, "T4", "soup", "steak")
             soup, steak = (item["line_id"] for item in kitchen["items"])
-            order_id = (await edge.store.get("tickets", kitchen["id"]) or {})["order_id"]
+            order_id = kitchen["order_id"]
             card = page.locator(f'.ticket[data-id="{kitchen["id"]}"]')
             soup_item = card.locator(".items > li", has_text="Soup")
             steak_item = card.locator(".items > li", has_text="Steak")

@@ -1,7 +1,10 @@
 // Fynlo kitchen display: one station's tickets, live over /v1/live; tap to bump, recall.
 //
 // How it works. The device credential comes once from ?device= (kept in localStorage and
-// taken out of the address bar) or from pairing with a code. The page opens /v1/live and
+// taken out of the address bar) or from pairing with a code (one request per code: the form
+// ignores submits while one is in flight; the name offered is the station's, "Bar screen").
+// A call the edge refuses as device_not_paired (revoked) forgets the credential, closes the
+// live connection, clears the tickets and shows the pairing form. The page opens /v1/live and
 // subscribes to tickets:<station> with the last seq it has applied. On its first connection
 // (and on a "reset") it reloads the tickets over REST, holding the live events that arrive
 // meanwhile and applying them on top afterwards (an event carries the whole row, so applying
@@ -22,6 +25,7 @@
   const CONNECT_TIMEOUT_MS = 4000;
   const BACKOFF_MIN_MS = 250;
   const BACKOFF_MAX_MS = 4000;
+  const CLOSE_REVOKED = 4401; // the live connection's device was revoked (docs/live.md)
   const RECALL_SHOWN = 12;
   const WARN_AFTER_MS = 5 * 60 * 1000;
   const LATE_AFTER_MS = 10 * 60 * 1000;
@@ -103,8 +107,10 @@
       state.heardAt = Date.now();
       receive(JSON.parse(m.data));
     };
-    ws.onclose = () => {
-      if (ws === state.socket) lost();
+    ws.onclose = (event) => {
+      if (ws !== state.socket) return;
+      if (event.code === CLOSE_REVOKED) unpaired(); // this screen was unpaired by a manager
+      else lost();
     };
   }
 
@@ -242,9 +248,11 @@
   async function act(id, action) {
     const card = document.querySelector(`[data-id="${CSS.escape(id)}"]`);
     card?.classList.add("pending");
+    const token = state.token;
     try {
       const path = `/v1/kitchen/tickets/${encodeURIComponent(id)}/${action}`;
       const { ok, answer } = await api("POST", path);
+      if (state.token !== token) return; // unpaired meanwhile: the screen shows nothing
       if (!ok) {
         toast(answer?.error?.message || `Could not ${action} the ticket`);
         return;
@@ -383,12 +391,26 @@
       ws.onopen = ws.onmessage = ws.onclose = null;
       ws.close();
     }
+    // what the screen showed is not its to show any more: a new pairing reloads from REST
+    state.open.clear();
+    state.bumped.clear();
+    state.held = null;
+    state.lastSeq = null;
+    state.generation += 1;
+    render();
     setStatus("unpaired");
     $("pairing").hidden = false;
   }
 
+  // A code is single use and a wrong one counts against this address, so a double-click or
+  // a second Enter must not send it again: submits are ignored while one is in flight.
+  let pairing = false;
   async function pair(event) {
     event.preventDefault();
+    if (pairing) return;
+    pairing = true;
+    const button = $("pair-form").querySelector("button[type=submit]");
+    button.disabled = true;
     $("pair-error").textContent = "";
     const body = { code: $("pair-code").value.trim(), name: $("pair-name").value.trim(), kind: "kds" };
     try {
@@ -408,6 +430,9 @@
       start();
     } catch (err) {
       $("pair-error").textContent = "The edge is not answering; try again.";
+    } finally {
+      pairing = false;
+      button.disabled = false;
     }
   }
 
@@ -420,6 +445,7 @@
   }
 
   $("station").textContent = station;
+  $("pair-name").value = `${station.charAt(0).toUpperCase()}${station.slice(1)} screen`;
   $("pair-form").addEventListener("submit", pair);
   $("tickets").addEventListener("click", (event) => {
     const ticket = event.target.closest(".ticket");
