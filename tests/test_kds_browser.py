@@ -176,6 +176,7 @@ def test_an_unpaired_screen_pairs_with_a_managers_code_and_shows_its_tickets_liv
             await expect(form).to_be_hidden()
             await expect(page.locator("body")).to_have_attribute("data-status", "live")
             await expect(page.locator("#pair-error")).to_have_text("")
+            await expect(page.locator("#pair-code")).to_have_value("")  # used up: not kept
             # The edge knows the new screen, paired by the manager who made the code.
             status, listed, _ = await edge.call("GET", "/v1/devices", till.headers("mia"))
             assert status == 200

@@ -426,6 +426,7 @@
       }
       localStorage.setItem(TOKEN_KEY, answer.device_token);
       state.token = answer.device_token;
+      $("pair-code").value = ""; // used up: if the screen is unpaired later, it needs a new one
       $("pairing").hidden = true;
       start();
     } catch (err) {
