@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from sync_protocol.schema import ColumnType, TableSpec
 
@@ -82,13 +83,17 @@ def as_bool(row: Mapping[str, object], name: str, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def id_list(row: Mapping[str, object], name: str) -> list[str]:
-    """A text column holding a JSON list of ids (anything malformed reads as empty)."""
-    value = row.get(name)
+def json_list(value: object) -> list[Any]:
+    """A text value holding a JSON list (absent, malformed or not a list: empty)."""
     if not isinstance(value, str) or not value:
         return []
     try:
         parsed = json.loads(value)
     except ValueError:
         return []
-    return [x for x in parsed if isinstance(x, str)] if isinstance(parsed, list) else []
+    return parsed if isinstance(parsed, list) else []
+
+
+def id_list(row: Mapping[str, object], name: str) -> list[str]:
+    """A text column holding a JSON list of ids (anything malformed reads as empty)."""
+    return [x for x in json_list(row.get(name)) if isinstance(x, str)]

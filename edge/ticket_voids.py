@@ -27,10 +27,12 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .rows import json_list
+
 
 def parse_items(text: object) -> list[Any]:
     """A ticket's ``items`` JSON as a list ([] when absent or not a list)."""
-    return _json_list(text)
+    return json_list(text)
 
 
 def item_line_ids(items: list[Any]) -> list[str | None]:
@@ -44,7 +46,7 @@ def item_line_ids(items: list[Any]) -> list[str | None]:
 
 def stored_marks(text: object) -> list[str]:
     """The line ids a ticket's ``voided_line_ids`` JSON holds ([] when absent)."""
-    return [mark for mark in _json_list(text) if isinstance(mark, str)]
+    return [mark for mark in json_list(text) if isinstance(mark, str)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +70,3 @@ def ticket_voids(ticket: Mapping[str, object], struck: Container[str]) -> Ticket
 def marks_json(line_ids: tuple[str, ...]) -> str:
     """The ``voided_line_ids`` text of ``line_ids``."""
     return json.dumps(list(line_ids), separators=(",", ":"))
-
-
-def _json_list(text: object) -> list[Any]:
-    if not isinstance(text, str) or not text:
-        return []
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return []
-    return value if isinstance(value, list) else []

@@ -66,15 +66,14 @@ async def paced_local_writes(
         path, default_registry(), device.site_id, device.node_id
     ) as store:
         await store.write_many(stock_rows())
-        mix, latencies, began = Mix("pl"), [], now()
-        for i in range(count):
-            delay = began + i / rate - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            write, _expect = mix.next()
-            started = now()
+        mix = Mix("pl")
+
+        async def write_one(i: int) -> float:
+            write, started = mix.next()[0], now()
             await store.write(*write)
-            latencies.append(now() - started)
+            return now() - started
+
+        latencies, _ = await paced(count, rate, write_one)
     return summary_ms(latencies)
 
 
@@ -210,19 +209,32 @@ async def paced_writes(
     store: EdgeStore, visibility: Visibility, count: int, rate: float
 ) -> tuple[list[float], float]:
     """Write ``count`` single rows at ``rate`` per second; local latencies and achieved rate."""
-    mix, latencies = Mix("ll"), []
-    began = now()
-    for i in range(count):
-        delay = began + i / rate - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    mix = Mix("ll")
+
+    async def write_one(i: int) -> float:
         write, expect = mix.next()
         started = now()
         visibility.expect(expect, started)
         await store.write(*write)
-        latencies.append(now() - started)
+        took = now() - started
         if (i + 1) % max(1, round(5 * rate)) == 0:
             print(f"  {i + 1:>6}/{count} written, {visibility.pending} not visible yet", flush=True)
+        return took
+
+    return await paced(count, rate, write_one)
+
+
+async def paced(
+    count: int, rate: float, write_one: Callable[[int], Awaitable[float]]
+) -> tuple[list[float], float]:
+    """Call ``write_one(i)`` ``count`` times at ``rate`` per second; the latencies it returns
+    (s) and the rate achieved."""
+    latencies, began = [], now()
+    for i in range(count):
+        delay = began + i / rate - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        latencies.append(await write_one(i))
     return latencies, count / (now() - began)
 
 
