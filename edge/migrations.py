@@ -217,12 +217,42 @@ def _idempotency_by_age(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX idempotency_by_age ON idempotency (at_ms)")
 
 
+def _idempotency_rowid(conn: sqlite3.Connection) -> None:
+    """Answers move to a rowid table, found by a unique index on (device, key).
+
+    An answer is a whole response (an order with its lines: kilobytes). In a WITHOUT ROWID
+    table the row lives in the primary-key b-tree, so every answer overflowed its page and
+    a lookup walked a deep tree of them: a miss cost as much as an insert (40-50 µs each,
+    on every change a tablet sent). The index now holds only the keys.
+    """
+    conn.execute(
+        """CREATE TABLE idempotency_answers (
+            device_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            at_ms INTEGER NOT NULL
+        )"""
+    )
+    conn.execute(
+        "INSERT INTO idempotency_answers (device_id, key, fingerprint, status, body, at_ms)"
+        " SELECT device_id, key, fingerprint, status, body, at_ms FROM idempotency"
+        " ORDER BY at_ms"
+    )
+    conn.execute("DROP TABLE idempotency")
+    conn.execute("ALTER TABLE idempotency_answers RENAME TO idempotency")
+    conn.execute("CREATE UNIQUE INDEX idempotency_key ON idempotency (device_id, key)")
+    conn.execute("CREATE INDEX idempotency_by_age ON idempotency (at_ms)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sync core tables", _core_tables),
     Migration(2, "outbox: local wall time of each change", _outbox_written_ms),
     Migration(3, "live events", _events),
     Migration(4, "tablet API: devices, sessions, approvals, PIN attempts, idempotency", _api),
     Migration(5, "idempotency answers expire: found by age", _idempotency_by_age),
+    Migration(6, "idempotency answers in a rowid table, keyed by an index", _idempotency_rowid),
 )
 
 

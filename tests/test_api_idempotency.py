@@ -7,9 +7,13 @@ device) are in ``test_api.py`` and next to each route's tests.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from edge import migrations
 from edge.api import idempotency
 from edge.api.auth import grant_approval
 from edge.api.idempotency import ANSWERED
@@ -125,5 +129,39 @@ def run(fn: Any, tmp_path: Path) -> None:
     async def body() -> None:
         async with running_edge(tmp_path) as edge:
             await fn(edge)
+
+    asyncio.run(body())
+
+
+def test_answers_stored_before_the_rowid_layout_survive_the_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 6 moves answers out of the WITHOUT ROWID table: a tablet retrying across
+    the upgrade still gets its first answer, and a key still has at most one answer."""
+
+    async def body() -> None:
+        monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:5])
+        async with edge_server(tmp_path) as (server, edge):
+            till = await edge.pair("till")
+            await edge.login(till, "sam")
+            path, headers = await approved_void(edge, till, "till-void-000009")
+            got, first, _ = await edge.call("POST", path, headers, json=WHY)
+            assert got == 200, first
+            assert edge.sql("SELECT max(version) FROM schema_migrations") == [(5,)]
+            await server.stop()
+            monkeypatch.undo()
+            edge = await server.start()
+            assert edge.sql("SELECT max(version) FROM schema_migrations") == [(6,)]
+            got, again, resp = await edge.call("POST", path, headers, json=WHY)
+            assert (got, again) == (200, first)
+            assert resp.headers.get("Idempotent-Replayed") == "true"
+            assert edge.sql("SELECT count(*) FROM audit_log WHERE action = 'void_line'") == [(1,)]
+            layout = edge.sql("SELECT sql FROM sqlite_master WHERE name = 'idempotency'")[0][0]
+            assert "WITHOUT ROWID" not in layout
+            with pytest.raises(sqlite3.IntegrityError):
+                edge.sql(
+                    "INSERT INTO idempotency (device_id, key, fingerprint, status, body, at_ms)"
+                    " SELECT device_id, key, 'x', 200, x'7b7d', 0 FROM idempotency LIMIT 1"
+                )
 
     asyncio.run(body())

@@ -71,8 +71,8 @@ async def prune(store: EdgeStore, keys: AnsweredKeys, keep_ms: int = KEEP_MS) ->
             lambda tx: [
                 (str(device), str(key))
                 for device, key in tx.query(
-                    "DELETE FROM idempotency WHERE (device_id, key) IN"
-                    " (SELECT device_id, key FROM idempotency WHERE at_ms < ? LIMIT ?)"
+                    "DELETE FROM idempotency WHERE rowid IN"
+                    " (SELECT rowid FROM idempotency WHERE at_ms < ? LIMIT ?)"
                     " RETURNING device_id, key",
                     (before, CHUNK),
                 )
