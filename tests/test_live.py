@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 
 from edge.api import LIVE_TABLES
+from edge.api.auth import ACCESS_TTL_MS
 from edge.api.live import HUB
 from edge.api.live_hub import Close, LiveSettings, payload_of, prune_events, text_frame
 from edge.store import EdgeStore
@@ -624,6 +625,38 @@ def test_a_revoked_device_or_an_ended_session_loses_its_live_connections_at_once
             with pytest.raises(aiohttp.WSServerHandshakeError):
                 await edge.http.ws_connect(live_url(edge, screen.device_token))
             for ws in (kept, device_only):
+                await ws.close()
+
+    asyncio.run(body())
+
+
+def test_a_connection_opened_with_an_access_token_closes_when_the_token_expires(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with edge_server(tmp_path) as (_, edge):
+            till = await edge.pair("till")
+            sam = await edge.login(till, "sam")
+            as_sam, ready = await connect(edge, till.device_token, ["orders"], session=sam)
+            device_only, _ = await connect(edge, till.device_token, ["menu"])
+            assert await still_live(as_sam)  # a heartbeat: alive while the token is
+            edge.set_wall_clock(edge.store.clock.now_ms() + ACCESS_TTL_MS + 1)
+            assert await closed_with(as_sam) == Close.EXPIRED
+            assert await still_live(device_only)
+            # Nothing is lost: with a fresh token it resumes from where it was.
+            fresh = await edge.login(till, "sam")
+            got, order, _ = await edge.call(
+                "POST", "/v1/orders", till.headers("sam"), json={"table_name": "T9", "covers": 2}
+            )
+            assert got == 201, order
+            again, _ = await connect(
+                edge, till.device_token, ["orders"], since=ready["seq"], session=fresh
+            )
+            deadline = time.monotonic() + DEADLINE_S
+            while (message := await receive(again, deadline))["type"] != "event":
+                pass
+            assert message["data"]["row"]["table_name"] == "T9", message
+            for ws in (again, device_only):
                 await ws.close()
 
     asyncio.run(body())

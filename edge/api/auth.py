@@ -66,6 +66,8 @@ class Principal:
     role_id: str | None = None
     permissions: frozenset[Permission] = frozenset()
     session_id: str | None = None
+    #: when the access token presented expires (None: a device credential, which does not)
+    expires_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +319,7 @@ class Authenticator:
             role[0],
             role[1],
             found.session_id,
+            found.expires_ms,
         )
 
     async def role_of(self, employee_id: str) -> tuple[str, frozenset[Permission]] | None:

@@ -17,7 +17,8 @@ Protocol (JSON text frames; docs/live.md is the full description):
   second (everything up to N that matches was sent: a client may resume from N);
 * close codes: 4400 bad subscribe, 4401 the device was revoked or the session ended (at once,
   not at the next request), 4403 a topic is not allowed, 4409 the client fell too far behind
-  (reconnect with ``since``), 1001 the edge is shutting down.
+  (reconnect with ``since``), 4440 the access token it was opened with expired (refresh it,
+  reconnect with ``since``), 1001 the edge is shutting down.
 
 How it works. ``live_hub.Hub`` does the fan-out (each event encoded once, bounded queues per
 client, replay without gaps or duplicates). This module checks the credential and the

@@ -65,6 +65,7 @@ class Close(IntEnum):
     REVOKED = 4401
     FORBIDDEN = 4403
     TOO_SLOW = 4409
+    EXPIRED = 4440
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +370,15 @@ class Hub:
                 self.detach(client)
                 client.end(Close.REVOKED, "the credential was revoked or the session ended")
 
+    def expire(self, now_ms: int) -> None:
+        """Close every connection whose access token has expired (checked each heartbeat):
+        the session's permissions were granted for the token's life, not the socket's."""
+        for client in list(self._clients):
+            expires_ms = client.principal.expires_ms if client.principal else None
+            if expires_ms is not None and expires_ms <= now_ms:
+                self.detach(client)
+                client.end(Close.EXPIRED, "the access token expired: refresh it, reconnect")
+
     def _count_drop(self) -> None:
         self.dropped += 1
 
@@ -431,6 +441,7 @@ class Hub:
             )
             for client in self._clients:
                 client.push(frame)
+            self.expire(self.store.clock.now_ms())
             try:
                 await self._push_sync()
             except Exception:  # the heartbeat must go on whatever the status poll does
