@@ -17,7 +17,7 @@ from itertools import chain
 from typing import Any
 
 import asyncpg
-import msgpack
+import msgspec
 
 from sync_protocol.changes import RowState, Value, Values, Version
 from sync_protocol.schema import TableSpec
@@ -40,15 +40,14 @@ def fv_from_json(text: str | None) -> dict[str, Version]:
     return {k: Version(int(r), int(h), str(o)) for k, (r, h, o) in json.loads(text).items()}
 
 
-#: one packer for every entry (``packb`` builds a new one per call); the event loop is single
-#: threaded, and ``pack`` resets the packer after each call
-_PACKER = msgpack.Packer(use_bin_type=True)
+#: one encoder for every entry: msgspec writes the same msgpack bytes as ``msgpack.packb``
+#: (``use_bin_type``) in half the time, and a catch-up packs one entry per row
+_pack = msgspec.msgpack.Encoder().encode
 
 
 def pack_entry(rev: int, table: str, state: RowState) -> bytes:
     """A feed entry packed as its wire row, ready to be stored and served as is."""
-    packed: bytes = _PACKER.pack(state_row(rev, table, state))
-    return packed
+    return _pack(state_row(rev, table, state))
 
 
 #: a row that one change created, as plain values: (values, rev, hlc, origin, seq); its state
@@ -65,8 +64,7 @@ def new_row_state(pk: str, row: NewRow) -> RowState:
 def pack_new_entry(table: str, pk: str, row: NewRow) -> bytes:
     """``pack_entry`` of a new row at the rev of its change, without building its state."""
     values, rev, hlc, origin, _seq = row
-    packed: bytes = _PACKER.pack([rev, table, pk, False, values, rev, hlc, origin, None])
-    return packed
+    return _pack([rev, table, pk, False, values, rev, hlc, origin, None])
 
 
 class TableIO:

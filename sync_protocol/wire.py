@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
+import msgspec
 
 from .changes import (
     INT64_MAX,
@@ -180,6 +181,15 @@ def _frame_from_raw(
 
 def decode_frame(data: bytes, expect_kind: str, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Verify and decode a frame; raise ``RemoteProtocolError`` on any defect."""
+    kind, site, node, raw = _open_frame(data, expect_kind, limits)
+    payload = _unpack(raw)
+    if not isinstance(payload, dict):
+        raise _malformed("a payload is a map")
+    return Frame(kind, site, node, payload)
+
+
+def _open_frame(data: bytes, expect_kind: str, limits: Limits) -> tuple[str, str, str, bytes]:
+    """Check a frame's envelope, hash and bounds; its kind, site, node and raw payload."""
     if len(data) > limits.max_frame_bytes:
         raise RemoteProtocolError(
             ErrorCode.BATCH_TOO_LARGE,
@@ -217,10 +227,7 @@ def decode_frame(data: bytes, expect_kind: str, limits: Limits = DEFAULT_LIMITS)
             raise RemoteProtocolError(ErrorCode.BATCH_TOO_LARGE, "payload inflates past the bound")
     else:
         raw = body
-    payload = _unpack(raw)
-    if not isinstance(payload, dict):
-        raise _malformed("a payload is a map")
-    return Frame(kind, site, node, payload)
+    return kind, site, node, raw
 
 
 # -- push -------------------------------------------------------------------------------
@@ -317,25 +324,50 @@ def _int(value: object, what: str) -> int:
 _OPS = {int(op): op for op in Op}
 
 
+class _PushPayload(msgspec.Struct, frozen=True):
+    """A push payload of the expected shape (``decode_push``'s fast path)."""
+
+    first: int
+    last: int
+    changes: list[tuple[int, str, str, int, dict[str, Any], int, int, dict[str, Any] | None]]
+
+
+_PUSH_PAYLOAD = msgspec.msgpack.Decoder(_PushPayload)
+
+
 def decode_push(data: bytes, limits: Limits = DEFAULT_LIMITS) -> PushBatch:
-    """Verify and decode a push frame into changes with contiguous sequence numbers."""
-    frame = decode_frame(data, "push", limits)
-    payload = frame.payload
-    rows = payload.get("changes")
+    """Verify and decode a push frame into changes with contiguous sequence numbers.
+
+    The payload is read straight into its expected shape (msgspec: typed, in one pass, about
+    twice as fast as a generic unpack, the largest cost of ingesting a catch-up). Anything
+    that does not fit is read again generically, so that the checks below name its defect
+    with the code they always have.
+    """
+    _, site, node, raw = _open_frame(data, "push", limits)
+    rows: Any
+    try:
+        typed = _PUSH_PAYLOAD.decode(raw)
+    except (ValueError, RecursionError):  # msgspec's decode and validation errors included
+        payload = _unpack(raw)
+        if not isinstance(payload, dict):
+            raise _malformed("a payload is a map") from None
+        rows, first, last = payload.get("changes"), payload.get("first"), payload.get("last")
+    else:  # rows are tuples: as lists, the checks below see what a generic unpack gives
+        rows, first, last = typed.changes, typed.first, typed.last
     if not isinstance(rows, list) or not rows:
         raise _malformed("changes must be a non-empty list")
     if len(rows) > limits.max_records:
         raise RemoteProtocolError(
             ErrorCode.BATCH_TOO_LARGE, f"{len(rows)} changes exceed {limits.max_records}"
         )
-    first, last = _int(payload.get("first"), "first"), _int(payload.get("last"), "last")
-    node = frame.node
+    first, last = _int(first, "first"), _int(last, "last")
     changes = _plain_changes(node, first, rows)
     if changes is None:
+        rows = [list(row) if type(row) is tuple else row for row in rows]
         changes = _checked_changes(node, first, rows)
     if last != first + len(changes) - 1:
         raise _malformed("last does not match the changes carried")
-    return PushBatch(frame.site, node, first, last, changes)
+    return PushBatch(site, node, first, last, changes)
 
 
 def _plain_changes(node: str, first: int, rows: list[Any]) -> list[Change] | None:
@@ -353,7 +385,7 @@ def _plain_changes(node: str, first: int, rows: list[Any]) -> list[Change] | Non
     append = changes.append
     expected = first
     for row in rows:
-        if type(row) is not list or len(row) != 8:
+        if type(row) not in (list, tuple) or len(row) != 8:
             return None
         seq, table, pk, op, fields, base, hlc, old = row
         if not (

@@ -19,6 +19,7 @@ ALLOWED = {
     "typing",
     "zlib",
     "msgpack",
+    "msgspec",  # the push payload's typed reader: pure (C, no I/O)
 }
 
 
@@ -43,7 +44,7 @@ def test_sync_protocol_imports_only_pure_modules() -> None:
 
 def test_importing_sync_protocol_loads_no_io_module() -> None:
     probe = (
-        "import sys, msgpack, hashlib, zlib; before = set(sys.modules);"
+        "import sys, msgpack, msgspec, hashlib, zlib; before = set(sys.modules);"
         "import sync_protocol, sync_protocol.session, sync_protocol.checksum;"
         "bad = {'asyncio','socket','sqlite3','aiohttp','asyncpg','aiosqlite','ssl','select',"
         "'selectors','random','time','threading','os'} & (set(sys.modules) - before);"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cloud import rows as cloud_rows
 from sync_protocol import Change, ErrorCode, FeedEntry, Op, RemoteProtocolError, RowState, Version
 from sync_protocol.wire import (
     DEFAULT_LIMITS,
@@ -95,6 +96,19 @@ def test_pull_round_trip(rows: list[tuple[int, str, RowState]], more: bool) -> N
     assert page.entries == entries
     assert (page.cursor, page.next, page.head, page.more, page.conflicts) == (5, 77, 99, more, 2)
     assert (page.server_ms, page.hlc) == (123, 456)
+
+
+@given(st.integers(1, 2**40), ids, states)
+def test_the_clouds_feed_entries_are_the_wire_rows_bytes(
+    rev: int, table: str, state: RowState
+) -> None:
+    """The cloud packs entries with msgspec: byte for byte what the wire's packer writes."""
+    assert cloud_rows.pack_entry(rev, table, state) == pack_entry(FeedEntry(rev, table, state))
+    created = (dict(state.values), rev, state.version.hlc, state.version.origin, 1)
+    new_state = RowState(state.pk, dict(state.values), Version(rev, *created[2:4]), {}, False)
+    assert cloud_rows.pack_new_entry(table, state.pk, created) == pack_entry(
+        FeedEntry(rev, table, new_state)
+    )
 
 
 def test_ack_round_trip() -> None:
