@@ -27,7 +27,6 @@ neither can lose the other's; the store's single writer runs them one after the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -122,7 +121,6 @@ def add_lines(
                 item_id=line.item_id,
             )
         line_id = new_id("ln")
-        modifiers = [msgspec.structs.asdict(m) for m in priced.modifiers]
         tx.write(
             "order_lines",
             line_id,
@@ -133,7 +131,7 @@ def add_lines(
                 "name": priced.name,
                 "quantity": line.quantity,
                 "unit_price_pence": priced.unit_price_pence,
-                "modifiers": json.dumps(modifiers, separators=(",", ":")),
+                "modifiers": msgspec.json.encode(priced.modifiers).decode(),
                 "notes": line.notes,
                 "course": line.course,
                 "seat": line.seat,
