@@ -142,6 +142,7 @@ async def _open_store(config: EdgeConfig) -> EdgeStore:
         config.site_id,
         config.effective_node_id,
         synchronous=config.synchronous,
+        max_db_bytes=config.max_db_bytes,
     )
 
 

@@ -139,6 +139,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         config.effective_node_id,
         synchronous=config.synchronous,
         live_tables=LIVE_TABLES,
+        max_db_bytes=config.max_db_bytes,
     )
     app[STORE_KEY] = store
     try:

@@ -137,6 +137,13 @@ class EdgeConfig:
             "NORMAL is faster but may lose the last writes on power loss."
         },
     )
+    max_db_mb: int = field(
+        default=0,
+        metadata={
+            "doc": "Cap on the SQLite file in MiB (0: none). At the cap writes are refused with "
+            "storage_full (HTTP 507) and nothing of them is kept, so the box's disk never fills."
+        },
+    )
     strategies: str = field(
         default="",
         metadata={
@@ -154,6 +161,8 @@ class EdgeConfig:
         parse_strategies(self.strategies)
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if self.max_db_mb < 0:
+            raise ValueError("max_db_mb must be 0 (no cap) or more")
         if (
             self.node_id
             and self.cloud.token
@@ -168,6 +177,11 @@ class EdgeConfig:
             return self.node_id
         prefix, dot, _ = self.cloud.token.partition(".")
         return prefix if dot else ""
+
+    @property
+    def max_db_bytes(self) -> int | None:
+        """The database cap in bytes, or None for none."""
+        return self.max_db_mb * 1024 * 1024 if self.max_db_mb else None
 
     @property
     def uplink_enabled(self) -> bool:

@@ -21,6 +21,9 @@ class EdgeErrorCode(StrEnum):
     CHANGES_LOST = "cloud_lost_changes"
     STORE_CLOSED = "store_closed"
     UPLINK_DISABLED = "uplink_disabled"
+    STORAGE_FULL = "storage_full"
+    STORAGE_BUSY = "storage_busy"
+    STORAGE_FAILED = "storage_failed"
 
 
 EDGE_ERRORS: dict[EdgeErrorCode, ErrorInfo] = {
@@ -38,7 +41,24 @@ EDGE_ERRORS: dict[EdgeErrorCode, ErrorInfo] = {
     ),
     EdgeErrorCode.STORE_CLOSED: ErrorInfo(503, "the edge store is closed"),
     EdgeErrorCode.UPLINK_DISABLED: ErrorInfo(503, "no cloud url or token is configured"),
+    EdgeErrorCode.STORAGE_FULL: ErrorInfo(
+        507, "the edge's disk, or its database size cap (max_db_mb), is full: nothing was saved"
+    ),
+    EdgeErrorCode.STORAGE_BUSY: ErrorInfo(
+        503, "another process holds the edge's database: nothing was saved, try again"
+    ),
+    EdgeErrorCode.STORAGE_FAILED: ErrorInfo(
+        503, "the edge's database could not be written (I/O error, read-only or damaged file)"
+    ),
 }
+
+
+#: what a write the database cannot take is refused with (any route that writes can answer these)
+STORAGE_CODES = (
+    EdgeErrorCode.STORAGE_FULL,
+    EdgeErrorCode.STORAGE_BUSY,
+    EdgeErrorCode.STORAGE_FAILED,
+)
 
 
 class EdgeError(CodedError):

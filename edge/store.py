@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -58,7 +59,7 @@ from sync_protocol.merge import rebase
 from sync_protocol.schema import Registry
 from sync_protocol.wire import PackedChange, PullPage, PushAck
 
-from .errors import EdgeError, EdgeErrorCode
+from .errors import EDGE_ERRORS, EdgeError, EdgeErrorCode
 from .migrations import migrate
 from .state import (
     OLDEST_UNSYNCED_SQL,
@@ -81,6 +82,43 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Write = tuple[str, str, Op | int, Values]
 
 _CHUNK = 400  # (tbl, pk) pairs per IN (VALUES …) lookup
+
+log = logging.getLogger(__name__)
+
+#: SQLite's primary result codes that mean the file cannot take a write, and the edge error
+#: each becomes (a caller sees a stable code, not an internal error)
+_STORAGE_CODES = {
+    sqlite3.SQLITE_FULL: EdgeErrorCode.STORAGE_FULL,
+    sqlite3.SQLITE_BUSY: EdgeErrorCode.STORAGE_BUSY,
+    sqlite3.SQLITE_LOCKED: EdgeErrorCode.STORAGE_BUSY,
+    sqlite3.SQLITE_IOERR: EdgeErrorCode.STORAGE_FAILED,
+    sqlite3.SQLITE_READONLY: EdgeErrorCode.STORAGE_FAILED,
+    sqlite3.SQLITE_CORRUPT: EdgeErrorCode.STORAGE_FAILED,
+    sqlite3.SQLITE_CANTOPEN: EdgeErrorCode.STORAGE_FAILED,
+    sqlite3.SQLITE_NOTADB: EdgeErrorCode.STORAGE_FAILED,
+}
+_ALARM_EVERY_S = 60.0  # a storage failure is logged at most this often (it repeats per write)
+_last_alarm = -_ALARM_EVERY_S
+
+
+def storage_error(exc: BaseException) -> BaseException:
+    """``exc`` as the ``EdgeError`` its SQLite result code stands for (others as they are).
+
+    The first of a run of them is logged as an error: a full disk stops every sale.
+    """
+    global _last_alarm
+    code = getattr(exc, "sqlite_errorcode", None)
+    edge_code = _STORAGE_CODES.get(code & 0xFF) if isinstance(code, int) else None
+    if edge_code is None:
+        return exc
+    name = getattr(exc, "sqlite_errorname", "")
+    now = time.monotonic()
+    if now - _last_alarm >= _ALARM_EVERY_S:
+        _last_alarm = now
+        log.error("the edge cannot save a write: %s (%s)", exc, name)
+    error = EdgeError(edge_code, f"{EDGE_ERRORS[edge_code].meaning} ({exc})", sqlite=name)
+    error.__cause__ = exc
+    return error
 
 
 def wall_clock_ms() -> int:
@@ -136,14 +174,20 @@ class EdgeStore:
         now_ms: Callable[[], int] = wall_clock_ms,
         synchronous: Synchronous = "FULL",
         live_tables: Iterable[str] = (),
+        max_db_bytes: int | None = None,
     ) -> EdgeStore:
         """Migrate the file at ``path`` and open it for ``node_id`` of ``site_id``.
+
+        ``max_db_bytes`` caps the database file: a write that would grow it past the cap is
+        refused (``storage_full``) and nothing of it is kept, so the box's disk never fills.
 
         Every change to a row of ``live_tables`` (written here or pulled from the cloud)
         is also published as a ``row`` event (see ``subscribe``).
         """
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous}")
+        if max_db_bytes is not None and max_db_bytes <= 0:
+            raise ValueError("max_db_bytes must be positive (None: no cap)")
         path = Path(path)
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fynlo-edge-writer")
@@ -155,6 +199,9 @@ class EdgeStore:
                 for pragma in ("busy_timeout = 5000", "journal_mode = WAL"):
                     conn.execute(f"PRAGMA {pragma}")
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
+                if max_db_bytes is not None:
+                    page = conn.execute("PRAGMA page_size").fetchone()[0]
+                    conn.execute(f"PRAGMA max_page_count = {max(1, max_db_bytes // page)}")
                 state = state_from(conn.execute("SELECT key, value FROM sync_state").fetchall())
                 max_hlc = conn.execute("SELECT max(hlc) FROM outbox").fetchone()[0] or 0
             except BaseException:
@@ -270,6 +317,11 @@ class EdgeStore:
                     result = body(conn, staged)
                     _save_state(conn, state, staged)
                 except Exception as exc:  # this job's error goes back to its caller
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself (a full disk, an
+                        # I/O error): the group's earlier jobs are undone too, so every job
+                        # of the group gets this error.
+                        raise
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append(_Failed(exc))
@@ -643,9 +695,9 @@ def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # never expected: each job is settled once
         return
     if isinstance(outcome, _Failed):
-        future.set_exception(outcome.error)
+        future.set_exception(storage_error(outcome.error))
     elif isinstance(outcome, BaseException):
-        future.set_exception(outcome)
+        future.set_exception(storage_error(outcome))
     else:
         future.set_result(outcome)
 

@@ -25,7 +25,7 @@ from edge.orders import DAY_STARTS_AT, business_day
 from shared.orders import EDITABLE, ORDER_TRANSITIONS, OrderStatus
 from sync_protocol.changes import Op
 
-from .api_harness import Edge, Tablet, running_edge, seed_modifiers
+from .api_harness import Edge, Tablet, edge_server, running_edge, seed_modifiers
 
 T = TypeVar("T")
 ORDERS = "/v1/orders"
@@ -1063,3 +1063,31 @@ def test_order_responses_match_the_openapi_document(tmp_path: Path) -> None:
         assert "order_id" in ticket["required"]
 
     run(body, tmp_path)
+
+
+def test_a_full_disk_refuses_a_line_with_507_and_keeps_nothing_of_it(tmp_path: Path) -> None:
+    """With the database at its cap (``max_db_mb``; SQLite's own SQLITE_FULL), adding a line
+    answers 507 ``storage_full`` and leaves every table as it was; reads still work."""
+
+    async def body() -> None:
+        async with edge_server(tmp_path, max_db_mb=1) as (_, edge):
+            till = await till_for(edge)
+            order = await open_order(edge, till)
+            for _ in range(2000):
+                before = state(edge)
+                got, answer = await add_line(
+                    edge, till, order["id"], item_id="soup", notes="n" * 500
+                )
+                if got != 201:
+                    break
+            else:
+                raise AssertionError("the database never filled")
+            assert (got, code(answer)) == (507, "storage_full"), answer
+            assert state(edge) == before
+            _, document, _ = await edge.call("GET", "/api/openapi.json", {})
+            documented = document["paths"]["/v1/orders/{order_id}/lines"]["post"]["responses"]
+            assert "storage_full" in documented["507"]["description"]
+            got, now, _ = await edge.call("GET", f"{ORDERS}/{order['id']}", till.headers("sam"))
+            assert got == 200 and len(now["lines"]) == len(before["order_lines"])
+
+    asyncio.run(body())

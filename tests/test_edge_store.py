@@ -759,3 +759,90 @@ def test_the_audit_chain_head_is_found_through_the_primary_key(tmp_path: Path) -
         assert "SCAN" not in plan and "SEARCH audit_log" in plan, plan
 
     run(body)
+
+
+def test_a_write_past_the_size_cap_is_refused_whole_and_the_store_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A full database (here: the ``max_db_bytes`` cap, SQLite's own SQLITE_FULL) refuses the
+    write with ``storage_full``, keeps nothing of it, and takes writes again once there is
+    room (reopened with a larger cap), with no gap in the outbox's sequence."""
+    db = tmp_path / "edge.sqlite"
+    note = "x" * 2000  # a few rows per page: the cap is reached in a few dozen writes
+
+    async def fill(store: EdgeStore) -> tuple[int, EdgeError]:
+        for n in range(1000):
+            try:
+                await store.write_many(
+                    [("order_lines", f"l{n}-{k}", Op.INSERT, {"notes": note}) for k in range(4)]
+                )
+            except EdgeError as exc:
+                return n, exc
+        raise AssertionError("the cap was never reached")
+
+    async def body() -> None:
+        store = await EdgeStore.open(db, default_registry(), SITE, NODE, max_db_bytes=256 * 1024)
+        async with store:
+            written, refused = await fill(store)
+            assert refused.code is EdgeErrorCode.STORAGE_FULL, refused
+            assert refused.details["sqlite"] == "SQLITE_FULL"
+            assert store.cursors().last_seq == 4 * written
+            # Reads still answer, and a second refusal is as clean as the first.
+            first = await store.get("order_lines", "l0-0")
+            assert first is not None and first["notes"] == note
+            with pytest.raises(EdgeError) as again:
+                await store.write("order_lines", "late", Op.INSERT, {"notes": note})
+            assert again.value.code is EdgeErrorCode.STORAGE_FULL
+        assert raw(tmp_path, "SELECT count(*) FROM order_lines") == [(4 * written,)]
+        assert raw(tmp_path, "SELECT count(*), max(seq) FROM outbox") == [
+            (4 * written, 4 * written)
+        ]
+        async with await EdgeStore.open(db, default_registry(), SITE, NODE) as store:
+            change = await store.write("order_lines", "late", Op.INSERT, {"notes": note})
+            assert change.seq == 4 * written + 1
+
+    run(body)
+
+
+def test_writes_grouped_with_one_that_fills_the_disk_are_each_kept_or_refused_whole(
+    tmp_path: Path,
+) -> None:
+    """Concurrent writes share a commit; when one of them fills the database SQLite undoes
+    the whole transaction, so each caller hears ``storage_full`` or success, and exactly the
+    successes are in the file, with gap-free sequence numbers."""
+    note = "y" * 1500
+
+    async def body() -> None:
+        store = await EdgeStore.open(
+            tmp_path / "edge.sqlite", default_registry(), SITE, NODE, max_db_bytes=192 * 1024
+        )
+        async with store:
+            for round_ in range(40):
+                results = await asyncio.gather(
+                    *(
+                        store.write("order_lines", f"r{round_}-{k}", Op.INSERT, {"notes": note})
+                        for k in range(12)
+                    ),
+                    return_exceptions=True,
+                )
+                refused = [r for r in results if isinstance(r, BaseException)]
+                assert all(
+                    isinstance(r, EdgeError) and r.code is EdgeErrorCode.STORAGE_FULL
+                    for r in refused
+                ), refused
+                if refused:
+                    break
+            else:
+                raise AssertionError("the cap was never reached")
+            seq = store.cursors().last_seq
+        rows = {pk for (pk,) in raw(tmp_path, "SELECT id FROM order_lines")}
+        logged = raw(tmp_path, "SELECT seq, pk FROM outbox ORDER BY seq")
+        assert [s for s, _ in logged] == list(range(1, seq + 1))  # no gap, nothing extra
+        assert {pk for _, pk in logged} == rows  # every kept row has its change, and only those
+        last = {pk for pk in rows if pk.startswith(f"r{round_}-")}
+        successes = {
+            f"r{round_}-{k}" for k, r in enumerate(results) if not isinstance(r, BaseException)
+        }
+        assert last == successes
+
+    run(body)

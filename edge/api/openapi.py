@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import EDGE_ERRORS, STORAGE_CODES
 from .errors import API_ERRORS, ApiCode
 from .routing import Auth, Operation
 
@@ -120,6 +121,9 @@ def _operation(op: Operation, schema_of: dict[int, Any]) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in dict.fromkeys(codes):
         by_status.setdefault(API_ERRORS[code].status, []).append(str(code))
+    if op.mutating:  # a write the database cannot take (full disk, a lock held elsewhere)
+        for storage in STORAGE_CODES:
+            by_status.setdefault(EDGE_ERRORS[storage].status, []).append(str(storage))
     for status, names in sorted(by_status.items()):
         responses[str(status)] = {
             "description": "error: " + ", ".join(names),
