@@ -32,6 +32,7 @@ class CloudCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     UNAVAILABLE = "unavailable"
+    INTERNAL = "internal_error"
 
 
 CLOUD_ERRORS: dict[CloudCode, ErrorInfo] = {
@@ -42,6 +43,7 @@ CLOUD_ERRORS: dict[CloudCode, ErrorInfo] = {
     CloudCode.METHOD_NOT_ALLOWED: ErrorInfo(405, "the endpoint does not take that method"),
     CloudCode.HTTP_ERROR: ErrorInfo(400, "the HTTP request was refused"),
     CloudCode.UNAVAILABLE: ErrorInfo(503, "the database is unreachable or busy; retry later"),
+    CloudCode.INTERNAL: ErrorInfo(500, "the cloud failed unexpectedly"),
 }
 
 
@@ -66,13 +68,14 @@ _HTTP_CODES: dict[int, str] = {
     413: ErrorCode.BATCH_TOO_LARGE.value,
 }
 
-#: store failures a client should simply retry later (503)
+#: store failures a client should simply retry later (503): nothing of the request was kept
 UNAVAILABLE = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,  # shutting down, restarting, cannot connect now
+    asyncpg.InsufficientResourcesError,  # disk full, out of memory, too many connections
+    asyncpg.ReadOnlySQLTransactionError,  # a standby after a failover, or set read-only
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
 )
@@ -113,3 +116,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(
             request, 503, CloudCode.UNAVAILABLE.value, "the store is unavailable; retry", {}
         )
+    except Exception:  # unexpected: logged in full, answered in the endpoint's own format
+        log.exception("%s %s failed", request.method, request.path)
+        info = CLOUD_ERRORS[CloudCode.INTERNAL]
+        return error_response(request, info.status, CloudCode.INTERNAL.value, info.meaning, {})
