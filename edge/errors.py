@@ -71,6 +71,11 @@ class EdgeError(CodedError):
         super().__init__(code, message, **details)
 
 
+class StorageError(EdgeError):
+    """The database could not take a write (``STORAGE_CODES``): nothing of it was kept, and
+    the same write may succeed later (room freed, the lock released). Not a reason to stop."""
+
+
 class ApiCode(StrEnum):
     """Every way the tablet API refuses a request."""
 

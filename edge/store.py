@@ -59,7 +59,7 @@ from sync_protocol.merge import rebase
 from sync_protocol.schema import Registry
 from sync_protocol.wire import PackedChange, PullPage, PushAck
 
-from .errors import EDGE_ERRORS, EdgeError, EdgeErrorCode
+from .errors import EDGE_ERRORS, EdgeError, EdgeErrorCode, StorageError
 from .migrations import migrate
 from .state import (
     OLDEST_UNSYNCED_SQL,
@@ -102,7 +102,7 @@ _last_alarm = -_ALARM_EVERY_S
 
 
 def storage_error(exc: BaseException) -> BaseException:
-    """``exc`` as the ``EdgeError`` its SQLite result code stands for (others as they are).
+    """``exc`` as the ``StorageError`` its SQLite result code stands for (others as they are).
 
     The first of a run of them is logged as an error: a full disk stops every sale.
     """
@@ -116,7 +116,7 @@ def storage_error(exc: BaseException) -> BaseException:
     if now - _last_alarm >= _ALARM_EVERY_S:
         _last_alarm = now
         log.error("the edge cannot save a write: %s (%s)", exc, name)
-    error = EdgeError(edge_code, f"{EDGE_ERRORS[edge_code].meaning} ({exc})", sqlite=name)
+    error = StorageError(edge_code, f"{EDGE_ERRORS[edge_code].meaning} ({exc})", sqlite=name)
     error.__cause__ = exc
     return error
 

@@ -44,7 +44,7 @@ from sync_protocol.session import Backoff, InFlight, PullSession, PushSession, S
 from sync_protocol.wire import PullPage, decode_error
 
 from .config import SyncSettings
-from .errors import EdgeError, EdgeErrorCode
+from .errors import EdgeError, EdgeErrorCode, StorageError
 from .store import EdgeStore, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ CONFLICTS_PATH = "/v1/sync/conflicts"
 #: failures that are the link's fault, not the request's: retried without being a refusal
 _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 #: what a sync step can fail with and still be retried
-_STEP_ERRORS = (*_NETWORK_ERRORS, SyncError, sqlite3.Error)
+_STEP_ERRORS = (*_NETWORK_ERRORS, SyncError, sqlite3.Error, StorageError)
 
 
 # -- pure decisions -----------------------------------------------------------------------
@@ -337,16 +337,17 @@ class Uplink:
                 await asyncio.sleep(exc.delay_s)
                 self._push.retry()
                 continue
+            except (StorageError, sqlite3.Error) as exc:  # the file failed us: try again later
+                self._push.abort()  # batches out are sent again from the stored cursors
+                self._fail_status("push", _network_code(exc), str(exc))
+                await asyncio.sleep(self._backoff.delay(local_failures, self._rand()))
+                local_failures += 1
+                continue
             except (EdgeError, SyncError) as exc:  # the store or the protocol forbids going on
                 self._stuck = exc.message
                 self._fail_status("push", str(exc.code), exc.message)
                 log.error("pushing stopped: %s", exc.message)
                 return
-            except sqlite3.Error as exc:  # reading the outbox failed before anything was sent
-                self._fail_status("push", "store_error", str(exc))
-                await asyncio.sleep(self._backoff.delay(local_failures, self._rand()))
-                local_failures += 1
-                continue
             if not more:
                 await self.store.changed.wait()
 
@@ -610,9 +611,8 @@ class Uplink:
             # A held request was stamped by the cloud when it answered, not midway.
             self._observe(page.hlc, received if wait_s else sent, received, page.server_ms)
             written = await self.store.apply_page(page)
-        except (SyncError, sqlite3.Error) as exc:
-            code = str(exc.code) if isinstance(exc, SyncError) else "store_error"
-            raise self._failed(self._pull, "pull", code, str(exc)) from exc
+        except (SyncError, StorageError, sqlite3.Error) as exc:
+            raise self._failed(self._pull, "pull", _network_code(exc), str(exc)) from exc
         self._pull.applied(page)
         self._pulled.add(received, written)
         self._succeeded("pull")
@@ -702,7 +702,7 @@ def _retrieve(task: asyncio.Future[InFlight | None]) -> None:
 def _network_code(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, SyncError):
+    if isinstance(exc, (SyncError, StorageError)):
         return str(exc.code)
     if isinstance(exc, sqlite3.Error):
         return "store_error"

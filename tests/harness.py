@@ -467,6 +467,7 @@ class Edge:
     settings: SyncSettings
     clock: WallClock
     synchronous: str = "NORMAL"
+    max_db_bytes: int | None = None
     _store: EdgeStore | None = None
     _uplink: Uplink | None = None
 
@@ -502,6 +503,7 @@ class Edge:
             self.node,
             now_ms=self.clock,
             synchronous=self.synchronous,  # type: ignore[arg-type]
+            max_db_bytes=self.max_db_bytes,
         )
         self._uplink = Uplink(
             self._store, self.proxy.url, self.token, self.settings, now_ms=self.clock
@@ -602,6 +604,7 @@ class Fleet:
         clock_offset_ms: int = 0,
         start: bool = False,
         synchronous: str = "NORMAL",
+        max_db_bytes: int | None = None,
     ) -> Edge:
         """Register a device to ``site`` and open an edge for it behind its own proxy."""
         name = name or f"edge{next(self._names)}"
@@ -619,6 +622,7 @@ class Fleet:
             settings or edge_settings(),
             WallClock(clock_offset_ms),
             synchronous,
+            max_db_bytes,
         )
         self.edges.append(edge)
         await edge.open()

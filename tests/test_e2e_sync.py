@@ -8,6 +8,7 @@ is taken offline.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -350,5 +351,85 @@ def test_conflicts_mirror_follows_a_resolution_and_a_new_conflict_in_one_pull(
             assert (await edge.rows("orders"))["o1"]["table_name"] == "E-o1"
             await f.drain()
             await f.assert_converged()
+
+    asyncio.run(body())
+
+
+def test_a_full_edge_disk_pauses_the_pull_and_it_resumes_when_room_is_freed(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """The edge's database at its cap (a full disk) cannot take a pulled page: the uplink
+    reports storage_full and retries, it neither stops nor crashes, and once room is freed
+    the same rows arrive and both sides agree."""
+    cap = 1024 * 1024
+
+    async def body() -> None:
+        async with fleet(pg_database, tmp_path) as f:
+            site = await f.cloud.add_site("Harbour")
+            edge = await f.add_edge(site, "a", max_db_bytes=cap)
+            raw = sqlite3.connect(edge.path, isolation_level=None)  # another process, uncapped
+            try:
+                raw.execute("CREATE TABLE ballast (b BLOB)")
+                page_size = raw.execute("PRAGMA page_size").fetchone()[0]
+                while raw.execute("PRAGMA page_count").fetchone()[0] * page_size < cap - 32768:
+                    raw.execute("INSERT INTO ballast VALUES (zeroblob(8000))")
+                items = [
+                    ("menu_items", f"m{n}", "insert", {"name": f"Dish {n} " + "x" * 200})
+                    for n in range(300)
+                ]
+                await f.cloud.write(site, *items)
+                await edge.start()
+
+                def full() -> bool:
+                    error = edge.uplink.status().last_error
+                    return error is not None and error.code == "storage_full"
+
+                await wait_until(full, what="the pull to meet the full disk")
+                await asyncio.sleep(0.5)  # a few retries later it is still there, still trying
+                assert full() and edge.running and edge.uplink.status().stuck is None
+                assert await edge.rows("menu_items") == {}
+                raw.execute("DROP TABLE ballast")  # room again (free pages inside the file)
+            finally:
+                raw.close()
+            await f.drain([edge])
+            assert len(await edge.rows("menu_items")) == 300
+            await f.assert_converged([edge])
+
+    asyncio.run(body())
+
+
+def test_a_database_locked_by_another_process_delays_the_push_and_loses_nothing(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """Another process holds the edge's write lock past the busy timeout (a backup tool, an
+    operator's shell): recording a push fails with storage_busy; the uplink backs off instead
+    of stopping, and once the lock is gone every change reaches the cloud exactly once."""
+
+    async def body() -> None:
+        async with fleet(pg_database, tmp_path) as f:
+            site = await f.cloud.add_site("Harbour")
+            edge = await f.add_edge(site, "a")
+            await edge.write_many(
+                [("orders", f"o{n}", "insert", order_fields(n)) for n in range(1, 21)]
+            )
+            raw = sqlite3.connect(edge.path, isolation_level=None)
+            try:
+                raw.execute("BEGIN IMMEDIATE")  # the write lock, held
+                await edge.start()
+
+                def busy() -> bool:
+                    error = edge.uplink.status().last_error
+                    return error is not None and error.code == "storage_busy"
+
+                await wait_until(busy, what="the push to meet the lock")
+                assert edge.running and edge.uplink.status().stuck is None
+            finally:
+                raw.execute("ROLLBACK")
+                raw.close()
+            await f.drain([edge])
+            assert sorted(await f.cloud.rows(site, "orders")) == sorted(
+                f"o{n}" for n in range(1, 21)
+            )
+            await f.assert_converged([edge])
 
     asyncio.run(body())
