@@ -66,8 +66,10 @@ async def push_step(f: Fleet, edge: Edge, overlap: bool, parked: list[Parked] | 
     """
     store = f.cloud.store
     acked = edge.store.cursors().acked_through
-    window = edge.uplink._push.window
-    candidates = await edge.store.outbox_after(acked, window * 3)  # batches out per step
+    # Every pending change: a push step slides its window on while batches come back full,
+    # so one step may send the whole outbox.
+    pending = edge.store.cursors().last_seq - acked
+    candidates = await edge.store.outbox_after(acked, max(1, pending))
     keys = [(c.table, c.pk) for c in candidates]
     async with store.pool.acquire() as conn:
         states = await load_states(conn, store.io, edge.site, keys)
