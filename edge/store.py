@@ -7,7 +7,9 @@ and that thread however many statements it runs. (aiosqlite, which serves the re
 off once per statement; under load each hand-off waits for the loop and the GIL, which made
 a five-statement write several times slower at the tail.) Transactions queue in order; those
 that queued while the writer was busy run as one group, each in its own savepoint, and share
-one ``COMMIT`` (group commit: one fsync for many writes, and a failing one is undone alone).
+one ``COMMIT`` (group commit: one fsync for many writes, and a failing one is undone alone;
+when SQLite itself undoes the whole transaction, as on a full disk, the whole group fails and
+every caller gets a ``StorageError``).
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
 cancelled caller cannot cut a transaction short (it runs to its end on the writer thread),
