@@ -73,6 +73,9 @@ UNAVAILABLE = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # a pooled session the server ended while it sat idle (an operator, a failover) can fail
+    # its next statement with this instead of a connection error; the pool then drops it
+    asyncpg.InternalClientError,
     asyncpg.OperatorInterventionError,  # shutting down, restarting, cannot connect now
     asyncpg.InsufficientResourcesError,  # disk full, out of memory, too many connections
     asyncpg.ReadOnlySQLTransactionError,  # a standby after a failover, or set read-only
