@@ -100,6 +100,11 @@ def error_response(
     return web.json_response({"error": error}, status=status)
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every refusal to its status and stable code."""
@@ -115,6 +120,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _HTTP_CODES.get(exc.status, CloudCode.HTTP_ERROR.value)
         return error_response(request, exc.status, code, exc.reason, {})
     except UNAVAILABLE as exc:
+        if _client_gone(request):  # the caller hung up mid-body: no store fault, no answer
+            log.debug("%s %s: the caller hung up (%r)", request.method, request.path, exc)
+            # never delivered; the access log shows 499 ("client closed request"), as nginx's
+            return web.Response(status=499, reason="Client Closed Request")
         log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
         return error_response(
             request, 503, CloudCode.UNAVAILABLE.value, "the store is unavailable; retry", {}

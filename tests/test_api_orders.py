@@ -1091,3 +1091,37 @@ def test_a_full_disk_refuses_a_line_with_507_and_keeps_nothing_of_it(tmp_path: P
             assert got == 200 and len(now["lines"]) == len(before["order_lines"])
 
     asyncio.run(body())
+
+
+def test_a_tablet_that_hangs_up_mid_request_adds_nothing_and_logs_no_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wi-Fi drops while a tablet is sending a line: the half-sent body is dropped, nothing
+    is kept, no error is logged, and the same line sent again is added once."""
+
+    async def body() -> None:
+        async with edge_server(tmp_path) as (_, edge):
+            till = await till_for(edge)
+            order = await open_order(edge, till)
+            before = state(edge)
+            payload = json.dumps({"item_id": "soup", "notes": "n" * 2000}).encode()
+            host, port = edge.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = "".join(f"{k}: {v}\r\n" for k, v in till.headers("sam").items())
+            writer.write(
+                f"POST {ORDERS}/{order['id']}/lines HTTP/1.1\r\nHost: {host}\r\n{head}"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload[:1000]
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the handler is waiting for the rest of the body
+            writer.transport.abort()
+            await asyncio.sleep(0.2)
+            assert state(edge) == before
+            got, answer = await add_line(edge, till, order["id"], item_id="soup")
+            assert got == 201, answer
+            assert len(edge.sql("SELECT id FROM order_lines")) == 1
+
+    with caplog.at_level("DEBUG"):
+        asyncio.run(body())
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.text

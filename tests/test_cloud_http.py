@@ -579,3 +579,34 @@ def test_a_postgres_that_refuses_writes_answers_503_and_the_push_is_taken_later(
         assert (ack.acked_through, ack.head, ack.outcomes.get("applied")) == (2, 2, 1)
 
     run(config_for(pg_database), body)
+
+
+def test_a_device_that_hangs_up_mid_push_is_not_taken_for_a_store_failure(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tablet's Wi-Fi dropping mid-upload cuts the body short: nothing is applied, the
+    cloud logs no store failure and answers the next push as usual."""
+
+    async def body(cloud: Cloud) -> None:
+        device = await cloud.site_with_device()
+        frame = wire.encode_push(device.site, device.node, [line(device.node, 1)])
+        url = cloud.http._base_url
+        assert url is not None
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in device.headers.items())
+        writer.write(
+            f"POST /v1/sync/push HTTP/1.1\r\nHost: {url.host}\r\n{head}"
+            f"Content-Length: {len(frame)}\r\n\r\n".encode()
+            + frame[: len(frame) // 2]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is reading the body
+        writer.transport.abort()  # the connection is reset, not closed cleanly
+        await asyncio.sleep(0.2)
+        assert await cloud.head(device.site) == 0
+        ack = await cloud.push(device, [line(device.node, 1)])
+        assert ack.acked_through == 1
+
+    with caplog.at_level("DEBUG", logger="cloud"):
+        run(config_for(pg_database), body)
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.text
