@@ -51,6 +51,7 @@ class Options:
     rate: float
     offline_writes: int
     dsn: str | None
+    rounds: int = 3
 
     @property
     def live_writes(self) -> int:
@@ -122,15 +123,27 @@ class Mix:
 
 
 @dataclass(slots=True)
-class Results:
-    """Every figure the run produced."""
+class CatchUpRound:
+    """One catch-up (a fresh site and store) and the ceiling measured right after it."""
 
-    changes: int = 0
     setup_s: float = 0.0
     catchup_s: float = 0.0
     catchup_acked_s: float = 0.0
     pull_settle_s: float = 0.0
     ceiling_s: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def fraction(self) -> float:
+        """Catch-up rate over the ceiling's (same rows, so the ratio of the times)."""
+        return self.ceiling_s / self.catchup_s
+
+
+@dataclass(slots=True)
+class Results:
+    """Every figure the run produced."""
+
+    changes: int = 0
+    rounds: list[CatchUpRound] = field(default_factory=list)
     live_rate: float = 0.0
     live_ms: dict[str, float] = field(default_factory=dict)
     live_check_ms: dict[str, float] = field(default_factory=dict)
@@ -139,6 +152,13 @@ class Results:
     local_offline_ms: dict[str, float] = field(default_factory=dict)
     local_paced_ms: dict[str, float] = field(default_factory=dict)
     sqlite_floor_ms: dict[str, float] = field(default_factory=dict)
+    cpu_floor_ms: dict[str, float] = field(default_factory=dict)
     postgres: str = ""
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def median_round(self) -> CatchUpRound:
+        """The round with the median catch-up/ceiling fraction (the lower one of an even
+        count): its figures are the headline ones."""
+        ordered = sorted(self.rounds, key=CatchUpRound.fraction)
+        return ordered[(len(ordered) - 1) // 2]

@@ -25,6 +25,7 @@ from .common import (
     SETTLE_TIMEOUT_S,
     SETUP_CHUNK,
     BenchError,
+    CatchUpRound,
     Mix,
     Options,
     Results,
@@ -103,6 +104,39 @@ def bare_sqlite_floor(path: Path, count: int, rate: float) -> dict[str, float]:
     return summary_ms(latencies)
 
 
+def paced_cpu_floor(count: int, rate: float, work_s: float) -> dict[str, float]:
+    """The machine's floor for paced CPU work: a fixed piece of pure-Python arithmetic that
+    takes about ``work_s`` back to back, run ``count`` times at ``rate``, one thread.
+
+    On a virtual machine a core that has been idle between paced calls can run the next few
+    milliseconds of work several times slower (the host's scheduling and power states): this
+    shows how much of the paced figures' tail is that, with no I/O and no threads involved.
+    """
+
+    def spin(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += i * i
+        return total
+
+    n, took = 1000, 0.0
+    while took < work_s:  # size the piece of work on this machine, back to back
+        n *= 2
+        started = now()
+        spin(n)
+        took = now() - started
+    n = max(1, round(n * work_s / took))
+    latencies, began = [], now()
+    for i in range(count):
+        delay = began + i / rate - now()
+        if delay > 0:
+            time.sleep(delay)
+        started = now()
+        spin(n)
+        latencies.append(now() - started)
+    return summary_ms(latencies)
+
+
 async def fill_outbox(store: EdgeStore, count: int) -> float:
     """Write ``count`` order-line inserts while offline; returns how long it took."""
     began, at_ms = now(), time.time_ns() // 1_000_000
@@ -134,7 +168,7 @@ async def report_progress(uplink: Uplink, total: int, began: float) -> None:
 
 async def catch_up(
     store: EdgeStore, uplink: Uplink, watch: FeedWatch, conn: asyncpg.Connection, device: Device,
-    results: Results,
+    done: CatchUpRound,
 ) -> None:  # fmt: skip
     """(a) Start the uplink on a full outbox and time until Postgres holds every change."""
     total = store.cursors().last_seq
@@ -158,8 +192,8 @@ async def catch_up(
     finally:
         progress.cancel()
         await asyncio.gather(progress, return_exceptions=True)
-    results.catchup_s, results.catchup_acked_s = committed - began, acked - began
-    results.pull_settle_s = settled - began
+    done.catchup_s, done.catchup_acked_s = committed - began, acked - began
+    done.pull_settle_s = settled - began
     stored = await conn.fetchval(
         "SELECT count(*) FROM order_lines WHERE site_id = $1", device.site_id
     )
@@ -319,25 +353,48 @@ async def run(options: Options, dsn: str, workdir: Path, pg_data: Path | None) -
         results.sqlite_floor_ms = await asyncio.to_thread(
             bare_sqlite_floor, workdir / "floor.sqlite", baseline, options.rate
         )
+        results.cpu_floor_ms = await asyncio.to_thread(
+            paced_cpu_floor, baseline, options.rate, results.local_offline_ms["p50"] / 1000
+        )
 
-        store = await EdgeStore.open(
-            workdir / "edge.sqlite", default_registry(), device.site_id, device.node_id
-        )
-        stack.push_async_callback(store.close)
-        results.setup_s = await fill_outbox(store, options.changes)
-        print(
-            f"(a) outbox filled offline: {options.changes} changes in {results.setup_s:.1f}s"
-            f" ({options.changes / results.setup_s:.0f}/s, not timed); uplink starting",
-            flush=True,
-        )
-        uplink = Uplink(store, cloud.url, device.token, SyncSettings())
-        stack.push_async_callback(uplink.stop)
         cpu = CpuMeter(bench_pids(cloud.proc.pid, pg_data))
-        cpu.start()
-        await catch_up(store, uplink, watch, conn, device, results)
-        results.cpu["catchup_and_pull"] = cpu.stop()
-        print(f"    ceiling: COPY + upsert of the same {options.changes} rows", flush=True)
-        results.ceiling_s, _ = await copy_upsert_ceiling(conn, device.site_id)
+        for number in range(1, options.rounds + 1):
+            if number > 1:  # each round: a new site, a fresh store, the same workload
+                device = await cloud.register()
+                watch = await FeedWatch.open(dsn, device.site_id)
+                stack.push_async_callback(watch.close)
+            store = await EdgeStore.open(
+                workdir / f"edge-{number}.sqlite",
+                default_registry(),
+                device.site_id,
+                device.node_id,
+            )
+            stack.push_async_callback(store.close)
+            done = CatchUpRound(setup_s=await fill_outbox(store, options.changes))
+            print(
+                f"(a) round {number}/{options.rounds}: outbox filled offline:"
+                f" {options.changes} changes in {done.setup_s:.1f}s"
+                f" ({options.changes / done.setup_s:.0f}/s, not timed); uplink starting",
+                flush=True,
+            )
+            uplink = Uplink(store, cloud.url, device.token, SyncSettings())
+            stack.push_async_callback(uplink.stop)
+            cpu.start()
+            await catch_up(store, uplink, watch, conn, device, done)
+            done.cpu = cpu.stop()
+            print(f"    ceiling: COPY + upsert of the same {options.changes} rows", flush=True)
+            done.ceiling_s, _ = await copy_upsert_ceiling(conn, device.site_id)
+            print(
+                f"    catch-up {options.changes / done.catchup_s:,.0f}/s,"
+                f" ceiling {options.changes / done.ceiling_s:,.0f}/s,"
+                f" fraction {done.fraction():.3f}",
+                flush=True,
+            )
+            results.rounds.append(done)
+            if number < options.rounds:  # the last round's store and uplink go live in (b)
+                await uplink.stop()
+                await store.close()
+        results.cpu["catchup_and_pull"] = results.median_round().cpu
 
         print(
             f"(b) live: {options.live_writes} writes at {options.rate:g}/s with the uplink online",

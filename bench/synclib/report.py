@@ -59,9 +59,10 @@ def code_version() -> dict[str, Any]:
 
 def report(options: Options, r: Results) -> dict[str, Any]:
     """The JSON summary."""
-    catchup_rate = r.changes / r.catchup_s
-    ceiling_rate = r.changes / r.ceiling_s
-    fraction = catchup_rate / ceiling_rate
+    head = r.median_round()
+    catchup_rate = r.changes / head.catchup_s
+    ceiling_rate = r.changes / head.ceiling_s
+    fraction = head.fraction()
     local_p50 = max(r.local_online_ms["p50"], r.local_offline_ms["p50"])
     local_p99 = max(r.local_online_ms["p99"], r.local_offline_ms["p99"])
     figures = {
@@ -73,13 +74,21 @@ def report(options: Options, r: Results) -> dict[str, Any]:
     return {
         "changes": r.changes,
         "catchup_changes_per_s": round(catchup_rate),
-        "catchup_s": round(r.catchup_s, 3),
-        "catchup_acked_s": round(r.catchup_acked_s, 3),
-        "catchup_pull_settled_s": round(r.pull_settle_s, 3),
-        "outbox_fill_s": round(r.setup_s, 3),
+        "catchup_s": round(head.catchup_s, 3),
+        "catchup_acked_s": round(head.catchup_acked_s, 3),
+        "catchup_pull_settled_s": round(head.pull_settle_s, 3),
+        "outbox_fill_s": round(head.setup_s, 3),
         "copy_upsert_rows_per_s": round(ceiling_rate),
-        "copy_upsert_s": round(r.ceiling_s, 3),
+        "copy_upsert_s": round(head.ceiling_s, 3),
         "catchup_fraction_of_copy_upsert": round(fraction, 3),
+        "catchup_rounds": [
+            {
+                "changes_per_s": round(r.changes / one.catchup_s),
+                "copy_upsert_rows_per_s": round(r.changes / one.ceiling_s),
+                "fraction": round(one.fraction(), 3),
+            }
+            for one in r.rounds
+        ],
         "live_writes": options.live_writes,
         "live_rate_per_s": round(r.live_rate, 1),
         "live_ms": r.live_ms,
@@ -94,6 +103,7 @@ def report(options: Options, r: Results) -> dict[str, Any]:
         "local_write_offline": r.local_offline_ms,
         "local_write_paced_no_uplink": r.local_paced_ms,
         "bare_sqlite_commit_paced": r.sqlite_floor_ms,
+        "cpu_work_paced": r.cpu_floor_ms,
         "cpu": r.cpu,
         "code": code_version(),
         "machine": {
@@ -126,7 +136,13 @@ def print_table(summary: dict[str, Any]) -> None:
         return f"p50 {ms['p50']} ms  p99 {ms['p99']} ms  max {ms['max']} ms"
 
     catchup = f"{s['catchup_changes_per_s']:,} changes/s ({s['changes']:,} in {s['catchup_s']}s)"
+    rounds = s["catchup_rounds"]
     rows = [
+        (
+            f"catch-up rounds ({len(rounds)})",
+            "  ".join(f"{o['changes_per_s']:,}/{o['copy_upsert_rows_per_s']:,}" for o in rounds),
+            "catch-up/ceiling per s; the median round below",
+        ),
         ("catch-up, outbox → Postgres", catchup, target("catchup_changes_per_s")),
         ("  edge has the ack", f"{s['catchup_acked_s']}s", ""),
         ("  edge pulled its rows back", f"{s['catchup_pull_settled_s']}s", ""),
@@ -143,6 +159,7 @@ def print_table(summary: dict[str, Any]) -> None:
         ("local write, offline", spread(off), ""),
         ("  baseline: paced, no uplink", spread(s["local_write_paced_no_uplink"]), ""),
         ("  floor: bare sqlite3, paced", spread(s["bare_sqlite_commit_paced"]), ""),
+        ("  floor: CPU work, paced", spread(s["cpu_work_paced"]), "offline p50 of work, no I/O"),
         (
             "local write, worse of both",
             f"p99 {s['local_write_p99_ms']} ms",
