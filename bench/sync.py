@@ -28,8 +28,10 @@ What is measured.
     Both vary by a quarter from run to run on a shared machine, so this is done ``--rounds``
     times (3), each on a new site and store with the ceiling right after its catch-up; every
     round is printed, and the round with the median fraction gives the headline figures.
-(b) live: with the uplink online and idle, ``--rate`` single-row writes per second for
-    ``--live-seconds`` (same mix as above). For each write, the latency from just before
+(b) live: after a ``VACUUM (ANALYZE)`` (the rounds grew the tables from nothing; autovacuum
+    would otherwise vacuum them during this phase, and until it has, queries can run plans
+    made for empty tables), with the uplink online and idle, ``--rate`` single-row writes per
+    second for ``--live-seconds`` (same mix as above). For each write, the latency from just before
     ``store.write`` is called to the row being visible in Postgres. A separate connection
     LISTENs on the cloud's feed channel; each notification triggers one query for which
     pending rows are visible (order lines by ``id = ANY``; a counter decrement once
