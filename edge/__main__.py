@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import getpass
 import json
 import logging
@@ -230,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fynlo-edge: {exc}", file=sys.stderr)
         return 2
+    app.on_startup.append(_freeze_heap)  # after the store, the caches and the hub are up
     web.run_app(
         app,
         host=config.host,
@@ -238,6 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop=new_event_loop(),
     )
     return 0
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Leave everything start-up made (modules, the app, caches) out of later collections.
+
+    The cyclic garbage collector's full passes walk every tracked object; with the start-up
+    heap in them, each held the whole process (event loop and writer thread) for about
+    35 ms every couple of seconds under load: the tail of every request in flight then.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _quiet_log_records() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import socket
 import sqlite3
 from collections.abc import Callable, Coroutine, Sequence
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
 
 from edge import __main__ as edge_cli
 from edge.errors import EdgeError, EdgeErrorCode
@@ -702,6 +705,40 @@ def test_status_command_reads_the_file_when_the_edge_is_not_running(
     assert (out["outbox_depth"], out["last_seq"], out["online"]) == (1, 1, False)
     assert edge_cli.main(["status", "--config", str(config)]) == 0
     assert "1 unsynced" in capsys.readouterr().out
+
+
+def test_the_running_edge_leaves_its_start_up_heap_out_of_garbage_collection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fynlo-edge run`` freezes what start-up made (the store open, the caches loaded), so
+    the collector's full passes under load walk only what requests made since."""
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'db_path = "{tmp_path / "edge.sqlite"}"\nsite_id = "{SITE}"\nnode_id = "edge-1"\n'
+        "[mdns]\nenabled = false\n",
+        encoding="utf-8",
+    )
+    served: list[web.Application] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **_: served.append(app))
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))  # main() tunes logging
+    assert edge_cli.main(["run", "--config", str(config)]) == 0
+    [app] = served
+
+    async def start_up() -> tuple[int, int]:
+        runner = web.AppRunner(app)
+        before = gc.get_freeze_count()
+        await runner.setup()  # the app's whole start-up, as run_app does it
+        try:
+            return before, gc.get_freeze_count()
+        finally:
+            await runner.cleanup()
+
+    try:
+        before, after = asyncio.run(start_up())
+    finally:
+        gc.unfreeze()
+    assert before == 0 and after > 0
 
 
 def test_an_in_flight_change_stays_visible_until_a_page_says_it_is_in(tmp_path: Path) -> None:
