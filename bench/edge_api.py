@@ -14,6 +14,11 @@ What is measured.
     back to back (a new order every 25 lines) for ``--seconds``: line adds per second and
     their latency p50/p99 (request sent → answer read). Baseline, same client, same
     connections: a plain aiohttp app answering ``GET /item`` with one SQLite read.
+(a') the same at steady offered rates (``--paced-rates``, default 250, 500, 1000 and 1500
+    requests/s, ``--paced-seconds`` 5 each), open-loop: the 64 connections share a schedule and
+    each latency runs from the request's scheduled time, so a server that falls behind pays
+    for the wait it causes. This is the latency a tablet sees below saturation, and the rate
+    at which it breaks down. Run after (b), so that (b) and its RSS figure are unchanged.
 (b) live: ``--clients`` (2000) WebSocket clients subscribed to the kitchen station, while a
     ticket is fired every ``--interval`` s (``--fires`` times): per client and ticket, the time
     from the ticket's commit (its ``fired_at_ms``, stamped in the transaction) to its bytes
@@ -24,8 +29,9 @@ What is measured.
 (c) the edge's peak RSS during (b), sampled from ``/proc`` every 50 ms.
 
 The last line of output is one JSON object: ``api_rps``, ``api_p50_ms``, ``api_p99_ms``,
-``ws_clients``, ``ws_p50_ms``, ``ws_p99_ms``, ``edge_rss_mb``, the baselines, the targets and
-whether each is met.
+``ws_clients``, ``ws_p50_ms``, ``ws_p99_ms``, ``edge_rss_mb``, ``api_paced`` (per offered
+rate: line adds/s achieved, p50, p99) and ``api_paced_max_rate_p99_within_target``, the
+baselines, the targets and whether each is met (the targets judge the closed-loop figures).
 """
 
 from __future__ import annotations
@@ -247,14 +253,29 @@ async def run(ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                      "--headers", headers, *ws))  # fmt: skip
         sampling = False
         await sampler
+        paced = []
+        for rate in ns.paced_rates:
+            print(f"(a') edge: requests at {rate:g}/s offered, {conns} connections,"
+                  f" {ns.paced_seconds:g}s", flush=True)  # fmt: skip
+            got = api_figures(await load("http", "--target", "edge", "--url", url, "--headers",
+                                         headers, "--conns", conns, "--seconds",
+                                         str(ns.paced_seconds), "--rate", str(rate)))  # fmt: skip
+            paced.append({"offered_per_s": rate, "line_adds_per_s": got["rps"],
+                          "p50_ms": got["p50_ms"], "p99_ms": got["p99_ms"],
+                          "errors": got["errors"]})  # fmt: skip
     finally:
         edge.stop()
-    figures = {
+    figures: dict[str, Any] = {
         "api_rps": api["rps"], "api_p50_ms": api["p50_ms"], "api_p99_ms": api["p99_ms"],
         "api_errors": api["errors"], "ws_clients": live["clients"],
         "ws_delivered": live["delivered"], "ws_missing": live["missing"],
         "ws_p50_ms": live["p50_ms"], "ws_p99_ms": live["p99_ms"], "ws_max_ms": live["max_ms"],
         "edge_rss_mb": round(peak, 1),
+        "api_paced": paced,
+        "api_paced_max_rate_p99_within_target": max(
+            (p["offered_per_s"] for p in paced if p["p99_ms"] <= TARGETS["api_p99_ms"]),
+            default=None,
+        ),
         "baseline_get_rps": base_api["rps"], "baseline_get_p99_ms": base_api["p99_ms"],
         "baseline_broadcast_p50_ms": base_ws["p50_ms"],
         "baseline_broadcast_p99_ms": base_ws["p99_ms"],
@@ -279,8 +300,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int)
     parser.add_argument("--fires", type=int)
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument(
+        "--paced-rates",
+        help="comma-separated offered rates for the open-loop runs (default 250,500,1000,1500)",
+    )
+    parser.add_argument("--paced-seconds", type=float, help="length of each open-loop run (5)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     ns = parser.parse_args(argv)
+    rates = ns.paced_rates or ("200" if ns.quick else "250,500,1000,1500")
+    try:
+        ns.paced_rates = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        parser.error("--paced-rates must be numbers separated by commas")
+    if any(r <= 0 for r in ns.paced_rates):
+        parser.error("--paced-rates must be positive")
+    ns.paced_seconds = ns.paced_seconds or (2.0 if ns.quick else 5.0)
     ns.seconds = ns.seconds or (2.0 if ns.quick else 10.0)
     ns.clients = ns.clients or (100 if ns.quick else 2000)
     ns.fires = ns.fires or (4 if ns.quick else 20)
@@ -299,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"p99 {summary['api_p99_ms']} ms", "api_rps", "api_p99_ms"),
         ("  baseline GET + read", f"{summary['baseline_get_rps']}/s  "
          f"p99 {summary['baseline_get_p99_ms']} ms", None, None),
+        *((f"  at {p['offered_per_s']:g}/s offered", f"{p['line_adds_per_s']}/s  "
+           f"p50 {p['p50_ms']} ms  p99 {p['p99_ms']} ms", None, None)
+          for p in summary["api_paced"]),
         (f"tickets to {summary['ws_clients']} screens", f"p50 {summary['ws_p50_ms']} ms  "
          f"p99 {summary['ws_p99_ms']} ms  missing {summary['ws_missing']}", "ws_clients",
          "ws_p99_ms"),

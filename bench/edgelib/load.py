@@ -5,6 +5,10 @@ back for ``--seconds``: against the edge (``--target edge``) each worker opens a
 adds lines to it (a new order every ``LINES_PER_ORDER`` lines); against the baseline
 (``--target baseline``) each sends ``GET /item``. Prints JSON: request count, seconds,
 latencies (ms) of the measured requests (line adds, or the GETs).
+With ``--rate`` the load is open-loop instead: the workers share a schedule of ``--rate``
+requests per second (each worker every ``conns / rate`` s, staggered), an order's opening
+taking one slot, and each latency runs from the request's *scheduled* time to its answer, so
+a server that falls behind is charged for the wait it causes (no coordinated omission).
 
 ``ws``: opens ``--clients`` WebSocket clients, subscribes each (the edge: to
 ``tickets:kitchen``), then ``--fires`` times, every ``--interval`` s, makes one ticket (the edge:
@@ -22,9 +26,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import secrets
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -46,20 +51,22 @@ def _ms() -> float:
 
 
 async def http_load(ns: argparse.Namespace) -> dict[str, Any]:
-    """Requests back to back on ``conns`` connections for ``seconds``."""
+    """Requests on ``conns`` connections for ``seconds``: back to back, or at ``rate``."""
     headers = json.loads(ns.headers or "{}")
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
-        stop = time.perf_counter() + ns.seconds
+        began = time.perf_counter()
+        stop = began + ns.seconds
 
-        keys = itertools.count()
+        keys, run = itertools.count(), f"bench-{secrets.token_hex(4)}"  # unique across runs
 
-        async def timed(method: str, path: str, body: Any = None) -> Any:
+        async def timed(method: str, path: str, body: Any = None, since: float = 0.0) -> Any:
+            """The answer and the ms from ``since`` (default: now) to it."""
             # A tablet sends every change with its own Idempotency-Key (a retry reuses it).
-            key = {"Idempotency-Key": f"bench-{next(keys):012d}"} if method == "POST" else None
-            t0 = time.perf_counter()
+            key = {"Idempotency-Key": f"{run}-{next(keys):012d}"} if method == "POST" else None
+            t0 = since or time.perf_counter()
             async with http.request(method, ns.url + path, json=body, headers=key) as resp:
                 data = await resp.read()
                 took = (time.perf_counter() - t0) * 1000
@@ -68,33 +75,49 @@ async def http_load(ns: argparse.Namespace) -> dict[str, Any]:
                     return None, took
                 return (json.loads(data) if data else None), took
 
+        async def slots(k: int) -> AsyncIterator[float]:
+            """Worker ``k``'s send times: 0.0 (now) back to back, or its schedule at a rate."""
+            if not ns.rate:
+                while time.perf_counter() < stop:
+                    yield 0.0
+                return
+            every = ns.conns / ns.rate
+            due = began + k * every / ns.conns
+            while due < stop:
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                yield due
+                due += every
+
         async def edge_worker(k: int) -> None:
             order_id, lines = None, 0
-            while time.perf_counter() < stop:
+            async for due in slots(k):
                 if order_id is None or lines >= LINES_PER_ORDER:
                     opened, _ = await timed(
                         "POST", "/v1/orders", {"table_name": f"T{k}", "covers": 2}
                     )
                     order_id, lines = (opened or {}).get("id"), 0
-                    if order_id is None:
-                        continue
+                    continue
                 _, took = await timed(
-                    "POST", f"/v1/orders/{order_id}/lines", {"item_id": "soup", "quantity": 1}
+                    "POST",
+                    f"/v1/orders/{order_id}/lines",
+                    {"item_id": "soup", "quantity": 1},
+                    due,
                 )
                 latencies.append(took)
                 lines += 1
 
         async def baseline_worker(k: int) -> None:
             i = k
-            while time.perf_counter() < stop:
-                _, took = await timed("GET", f"/item?id={i % 1000}")
+            async for due in slots(k):
+                _, took = await timed("GET", f"/item?id={i % 1000}", None, due)
                 latencies.append(took)
                 i += ns.conns
 
         worker = edge_worker if ns.target == "edge" else baseline_worker
-        t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(ns.conns)))
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - began
     return {"requests": len(latencies), "seconds": elapsed, "latencies_ms": latencies,
             "errors": errors}  # fmt: skip
 
@@ -191,6 +214,7 @@ def main() -> int:
     parser.add_argument("--headers", help="JSON object of request headers")
     parser.add_argument("--conns", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, help="http: requests/s, open-loop (default: closed)")
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--fires", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.5)
