@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.edgelib.baseline import make_db  # noqa: E402
+from bench.probe import cpu_slow_windows, describe  # noqa: E402
 from cloud.pgtemp import free_port  # noqa: E402
 from edge.api.auth import pair_device, start_session  # noqa: E402
 from edge.store import EdgeStore  # noqa: E402
@@ -321,8 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fynlo-edge-bench-"))
     # SIGTERM unwinds like Ctrl-C, so the servers started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print("probing the CPU for slow windows (bench/probe.py)…", flush=True)
+    probe = cpu_slow_windows(2.0 if ns.quick else 5.0)
     try:
         summary = asyncio.run(run(ns, workdir))
+        summary["machine"]["cpu_slow_windows"] = probe
     except KeyboardInterrupt:
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130
@@ -342,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("  baseline broadcast", f"p50 {summary['baseline_broadcast_p50_ms']} ms  "
          f"p99 {summary['baseline_broadcast_p99_ms']} ms", None, None),
         ("edge peak RSS", f"{summary['edge_rss_mb']} MB", "edge_rss_mb", None),
+        ("CPU slow windows (probe)", describe(probe), None, None),
     ]  # fmt: skip
     print()
     for name, value, *keys in rows:

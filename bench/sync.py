@@ -77,6 +77,7 @@ from shared import eventloop
 # ``bench/`` is not a package and this script is run by path: make ``synclib`` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from probe import cpu_slow_windows  # noqa: E402
 from synclib.common import BenchError, Options  # noqa: E402
 from synclib.phases import run  # noqa: E402
 from synclib.report import print_table, report  # noqa: E402
@@ -130,6 +131,8 @@ def _pick(given: N | None, default: N) -> N:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints a table, then the JSON summary as the last line."""
     options = parse_options(argv)
+    print("probing the CPU for slow windows (bench/probe.py)…", flush=True)
+    probe = cpu_slow_windows(2.0 if options.changes < 100_000 else 5.0)
     try:
         with ExitStack() as stack:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fynlo-bench-")))
@@ -146,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     summary = report(options, results)
+    summary["machine"]["cpu_slow_windows"] = probe
     print_table(summary)
     print(json.dumps(summary))
     return 0

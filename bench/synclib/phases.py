@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from probe import sized, spin  # bench/probe.py: bench/ is on the path when run
 
 from edge.config import SyncSettings
 from edge.store import EdgeStore
@@ -112,20 +113,7 @@ def paced_cpu_floor(count: int, rate: float, work_s: float) -> dict[str, float]:
     milliseconds of work several times slower (the host's scheduling and power states): this
     shows how much of the paced figures' tail is that, with no I/O and no threads involved.
     """
-
-    def spin(n: int) -> int:
-        total = 0
-        for i in range(n):
-            total += i * i
-        return total
-
-    n, took = 1000, 0.0
-    while took < work_s:  # size the piece of work on this machine, back to back
-        n *= 2
-        started = now()
-        spin(n)
-        took = now() - started
-    n = max(1, round(n * work_s / took))
+    n = sized(work_s)
     latencies, began = [], now()
     for i in range(count):
         delay = began + i / rate - now()

@@ -178,6 +178,11 @@ def print_table(summary: dict[str, Any]) -> None:
                 "busy machine: figures pessimistic" if use["other_cpu_s"] > 0.1 * cores else "",
             )
         )
+    probe = s["machine"].get("cpu_slow_windows")
+    if probe is not None:
+        from probe import describe  # bench/probe.py; bench/ is on the path when run
+
+        rows.append(("CPU slow windows (probe)", describe(probe), "p99 figures land in these"))
     width = max(len(name) for name, _, _ in rows)
     print()
     for name, value, note in rows:
