@@ -90,19 +90,15 @@ def bare_sqlite_floor(path: Path, count: int, rate: float) -> dict[str, float]:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("CREATE TABLE floor (id TEXT PRIMARY KEY, qty INTEGER, at_ms INTEGER)")
-        latencies, began = [], now()
-        for i in range(count):
-            delay = began + i / rate - now()
-            if delay > 0:
-                time.sleep(delay)
-            started = now()
+
+        def commit_one(i: int) -> None:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO floor VALUES (?, ?, ?)", (f"f-{i:07d}", i, i))
             conn.execute("COMMIT")
-            latencies.append(now() - started)
+
+        return summary_ms(paced_on_thread(count, rate, commit_one))
     finally:
         conn.close()
-    return summary_ms(latencies)
 
 
 def paced_cpu_floor(count: int, rate: float, work_s: float) -> dict[str, float]:
@@ -114,15 +110,21 @@ def paced_cpu_floor(count: int, rate: float, work_s: float) -> dict[str, float]:
     shows how much of the paced figures' tail is that, with no I/O and no threads involved.
     """
     n = sized(work_s)
+    return summary_ms(paced_on_thread(count, rate, lambda _: spin(n)))
+
+
+def paced_on_thread(count: int, rate: float, work: Callable[[int], object]) -> list[float]:
+    """Call ``work(i)`` ``count`` times at ``rate`` per second on this thread (sleeping in
+    between, no event loop); how long each call took (s)."""
     latencies, began = [], now()
     for i in range(count):
         delay = began + i / rate - now()
         if delay > 0:
             time.sleep(delay)
         started = now()
-        spin(n)
+        work(i)
         latencies.append(now() - started)
-    return summary_ms(latencies)
+    return latencies
 
 
 async def fill_outbox(store: EdgeStore, count: int) -> float:
