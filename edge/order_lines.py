@@ -39,8 +39,8 @@ from sync_protocol.changes import Op, Value
 from .errors import ApiCode, ApiError, not_found
 from .fields import Course, Id, Quantity, Reason, Seat, Text
 from .menu import price_line
-from .order_views import OrderView
-from .orders import load, move, require_editable, require_move, status_of, view
+from .order_views import LineView, OrderSummary, OrderView, line_of
+from .orders import load, move, require_editable, require_move, status_of, summary, view
 from .rows import as_bool, as_str
 from .ticket_voids import item_line_ids, marks_json, parse_items, stored_marks, ticket_voids
 from .tx import Tx
@@ -91,9 +91,16 @@ class MoveLines(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class LinesAdded(msgspec.Struct, frozen=True):
-    """The order after the add, and the new lines' ids in the order they were sent."""
+    """The order's header, version and totals after the add, and the lines added (with
+    their ids), in the order they were sent.
 
-    order: OrderView
+    Not the order's other lines: an add is answered (and its answer kept for a retry) in the
+    size of what it added, however long the check has grown. A tablet reads the whole order
+    with ``GET /v1/orders/{id}``; the live ``row`` events bring it other tablets' lines.
+    """
+
+    order: OrderSummary
+    lines: list[LineView]
     line_ids: list[str]
 
 
@@ -138,9 +145,11 @@ def add_lines(
                 "added_by": added_by,
                 "added_at_ms": tx.now_ms,
             },
+            new=True,
         )
         ids.append(line_id)
-    return LinesAdded(view(tx, order_id), ids)
+    added = [line_of({"id": i, **(tx.get("order_lines", i) or {})}) for i in ids]
+    return LinesAdded(summary(tx, order_id), added, ids)
 
 
 def line_of_order(tx: Tx, order_id: str, line_id: str) -> dict[str, Any]:

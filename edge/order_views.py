@@ -183,10 +183,34 @@ def line_of(row: dict[str, Any]) -> LineView:
 
 def totals_of(lines: Sequence[LineView]) -> Totals:
     """The order's money from its lines."""
-    live = [line for line in lines if not line.voided]
-    subtotal = sum(line.total_pence for line in live)
-    voided = sum(line.total_pence for line in lines if line.voided)
-    return Totals(subtotal, subtotal, voided, len(live), sum(line.quantity for line in live))
+    return _totals([(line.quantity, line.unit_price_pence, line.voided) for line in lines])
+
+
+def _totals(lines: Sequence[tuple[int, int, bool]]) -> Totals:
+    """Totals from each line's (quantity, unit price, voided)."""
+    subtotal = voided = line_count = item_count = 0
+    for quantity, unit, was_voided in lines:
+        if was_voided:
+            voided += quantity * unit
+        else:
+            subtotal += quantity * unit
+            line_count += 1
+            item_count += quantity
+    return Totals(subtotal, subtotal, voided, line_count, item_count)
+
+
+#: each line's (quantity, unit price, voided) of one order, read as ``ORDER_SQL`` reads them
+#: (voided by SQLite's truth value; a quantity or price that is not an integer counts as 0)
+LINE_MONEY_SQL = (
+    "SELECT quantity, unit_price_pence, CASE WHEN voided THEN 1 ELSE 0 END"
+    " FROM order_lines WHERE order_id = ?"
+)
+
+
+def summary_from(header: dict[str, Any], money: Sequence[Sequence[Any]]) -> OrderSummary:
+    """An order's summary from its row (with ``id``) and its ``LINE_MONEY_SQL`` rows."""
+    lines = [(q if type(q) is int else 0, u if type(u) is int else 0, bool(v)) for q, u, v in money]
+    return OrderSummary(**_header(header), totals=_totals(lines))
 
 
 def _line_from_stored(s: _StoredLine) -> LineView:
@@ -230,23 +254,26 @@ def order_from_row(row: Sequence[str]) -> OrderView:
     """The ``OrderView`` from a row of ``ORDER_SQL`` (or ``ORDERS_SQL``)."""
     header = _object.decode(row[0])
     lines = lines_from_json(row[1])
-    return OrderView(
-        header["id"],
-        as_int(header, "check_number"),
-        as_str(header, "business_day"),
-        as_str(header, "status", "open"),
-        opt_str(header, "table_name"),
-        opt_int(header, "covers"),
-        opt_str(header, "server_id"),
-        opt_str(header, "opened_by"),
-        as_int(header, "opened_at_ms"),
-        opt_int(header, "closed_at_ms"),
-        opt_str(header, "notes"),
-        as_str(header, "currency", "GBP"),
-        header_version(header),
-        totals_of(lines),
-        lines,
-    )
+    return OrderView(**_header(header), totals=totals_of(lines), lines=lines)
+
+
+def _header(header: dict[str, Any]) -> dict[str, Any]:
+    """``OrderSummary``'s fields but ``totals`` from an order's row (with ``id``)."""
+    return {
+        "id": header["id"],
+        "check_number": as_int(header, "check_number"),
+        "business_day": as_str(header, "business_day"),
+        "status": as_str(header, "status", "open"),
+        "table_name": opt_str(header, "table_name"),
+        "covers": opt_int(header, "covers"),
+        "server_id": opt_str(header, "server_id"),
+        "opened_by": opt_str(header, "opened_by"),
+        "opened_at_ms": as_int(header, "opened_at_ms"),
+        "closed_at_ms": opt_int(header, "closed_at_ms"),
+        "notes": opt_str(header, "notes"),
+        "currency": as_str(header, "currency", "GBP"),
+        "version": header_version(header),
+    }
 
 
 def summary_of(order: OrderView) -> OrderSummary:

@@ -40,7 +40,15 @@ from sync_protocol.changes import Op, Value
 
 from .errors import ApiCode, ApiError, not_found
 from .fields import Covers, Id, Name, Text
-from .order_views import ORDER_SQL, OrderView, header_version, order_from_row
+from .order_views import (
+    LINE_MONEY_SQL,
+    ORDER_SQL,
+    OrderSummary,
+    OrderView,
+    header_version,
+    order_from_row,
+    summary_from,
+)
 from .rows import as_str
 from .tx import Tx
 
@@ -103,6 +111,12 @@ def view(tx: Tx, order_id: str) -> OrderView:
     if row is None:
         raise not_found("order", order_id)
     return order_from_row(row)
+
+
+def summary(tx: Tx, order_id: str) -> OrderSummary:
+    """The order's header, version and totals, as this transaction sees it (no lines: the
+    cost does not grow with the check)."""
+    return summary_from(load(tx, order_id), tx.query(LINE_MONEY_SQL, (order_id,)))
 
 
 def load(tx: Tx, order_id: str) -> dict[str, Any]:

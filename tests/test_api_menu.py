@@ -179,8 +179,10 @@ def test_a_price_change_applies_to_new_lines_only(tmp_path: Path) -> None:
         assert got == 200
         got, added, _ = await edge.call("POST", lines, till.headers("sam"),
                                         json={"item_id": "soup"})  # fmt: skip
-        prices = [x["unit_price_pence"] for x in added["order"]["lines"]]
-        assert prices == [450, 500] and added["order"]["totals"]["total_pence"] == 950
+        assert [x["unit_price_pence"] for x in added["lines"]] == [500]
+        assert added["order"]["totals"]["total_pence"] == 950
+        got, order, _ = await edge.call("GET", f"/v1/orders/{order['id']}", till.headers("sam"))
+        assert [x["unit_price_pence"] for x in order["lines"]] == [450, 500]
 
     run(body, tmp_path)
 

@@ -96,7 +96,11 @@ def test_the_whole_flow_from_open_to_close(tmp_path: Path) -> None:
             edge, till, oid, item_id="steak", modifiers=["rare", "pepper"], course=2, seat=1
         )
         assert got == 201
-        (steak_line,) = [x for x in steak["order"]["lines"] if x["id"] in steak["line_ids"]]
+        (steak_line,) = steak["lines"]  # the answer carries the lines it added, not the others
+        assert steak["line_ids"] == [steak_line["id"]] and "lines" not in steak["order"]
+        got, whole, _ = await edge.call("GET", f"{ORDERS}/{oid}", till.headers("sam"))
+        assert whole["lines"][1] == steak_line  # as the whole order shows it
+        assert steak["order"] == {k: v for k, v in whole.items() if k != "lines"}
         assert steak_line["unit_price_pence"] == 2200 + 250
         assert [m["name"] for m in steak_line["modifiers"]] == ["Rare", "Peppercorn"]
         got, ipa = await add_line(edge, till, oid, item_id="ipa")
@@ -318,6 +322,45 @@ def test_a_retried_add_line_with_the_same_idempotency_key_adds_one_line(tmp_path
         assert edge.sql("SELECT count(*) FROM order_lines") == [(1,)]
         got, answer, _ = await edge.call("POST", path, headers, json={"item_id": "soup"})
         assert (got, code(answer)) == (422, "idempotency_key_reused")
+
+    run(body, tmp_path)
+
+
+def test_a_line_add_answers_with_the_order_totals_and_only_the_lines_it_added(
+    tmp_path: Path,
+) -> None:
+    """The answer's header, version and totals are the whole order's (voids, quantities and
+    all), computed without reading every line; its lines are the new ones, as GET shows them."""
+
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till, table="T9"))["id"]
+        answers = []
+        for n in range(12):
+            got, added = await add_line(edge, till, oid, item_id=("soup", "ipa")[n % 2],
+                                        quantity=1 + n % 3)  # fmt: skip
+            assert got == 201 and len(added["lines"]) == 1
+            answers.append(added)
+            if n % 4 == 1:  # some voided, so the totals must leave them out
+                got, _, _ = await edge.call(
+                    "POST", f"{ORDERS}/{oid}/lines/{added['line_ids'][0]}/void",
+                    till.headers("mia"), json={"reason": "spilt"},
+                )  # fmt: skip
+                assert got == 200
+        got, added, _ = await edge.call(
+            "POST", f"{ORDERS}/{oid}/lines/batch", till.headers("sam"),
+            json={"lines": [{"item_id": "steak", "modifiers": ["rare"]}, {"item_id": "ipa"}]},
+        )  # fmt: skip
+        assert got == 201 and [x["id"] for x in added["lines"]] == added["line_ids"]
+        got, whole, _ = await edge.call("GET", f"{ORDERS}/{oid}", till.headers("sam"))
+        assert added["order"] == {k: v for k, v in whole.items() if k != "lines"}
+        assert whole["lines"][-2:] == added["lines"]
+        assert whole["totals"]["line_count"] == 14 - 3 and whole["totals"]["voided_pence"] > 0
+        shown = {line["id"]: line for line in whole["lines"]}
+        for answer in answers:  # each line as it was added (none voided yet then)
+            (line,) = answer["lines"]
+            assert {**shown[line["id"]], "voided": False, "void_reason": None,
+                    "voided_by": None} == line  # fmt: skip
 
     run(body, tmp_path)
 

@@ -3,8 +3,10 @@
 Each route checks who may call it, decodes its body, and runs one domain function of
 ``edge.orders`` / ``edge.order_lines`` / ``edge.firing`` in ``ctx.mutate`` (one transaction:
 synced, audited, idempotent under ``Idempotency-Key``). Every answer that changes an order
-carries the order as it now is, with its lines, totals and header ``version``; header edits
-send that version back as ``If-Match`` (see ``edge.orders``). Voiding a line that was fired
+carries the order as it now is, with its lines, totals and header ``version``, except a line
+add, which carries the header, version and totals with just the lines it added (its cost
+stays the same however long the check); header edits send that version back as ``If-Match``
+(see ``edge.orders``). Voiding a line that was fired
 needs ``order.void_sent`` on top of ``order.void_line``: a server gets it for one void with
 a manager's ``X-Fynlo-Approval``. Voiding the whole order is the same rule over its lines: a
 manager's approval is needed (and spent) only when a line still live was fired.
