@@ -48,6 +48,7 @@ class TableIO:
         self.select_one = f"SELECT {cols} FROM {table} WHERE id = ?"
         self.select_all = f"SELECT {cols} FROM {table} ORDER BY id"
         self.upsert = f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT(id) {conflict}"
+        self.insert = f"INSERT INTO {table} ({cols}) VALUES ({marks})"  # refuses an existing id
         self.delete = f"DELETE FROM {table} WHERE id = ?"
 
     def params(self, pk: str, values: Values) -> tuple[Value, ...]:

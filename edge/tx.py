@@ -105,12 +105,21 @@ class Tx:
         self._seen[key] = values
         return dict(values) if values is not None else None
 
-    def write(self, table: str, pk: str, op: Op | int, fields: Values) -> Change:
-        """Change a synced row and log the change, in this transaction; returns the change."""
+    def write(
+        self, table: str, pk: str, op: Op | int, fields: Values, *, new: bool = False
+    ) -> Change:
+        """Change a synced row and log the change, in this transaction; returns the change.
+
+        ``new``: an insert under an id the caller has just made (random, or the next of a
+        sequence), so no row can have it: the row is not read first, and should one exist
+        after all the insert fails (``sqlite3.IntegrityError``) instead of merging into it.
+        """
         io, pk, op, changed = prepare_write(self.io(table), pk, op, fields)
+        if new and op is not Op.INSERT:
+            raise ValueError("only an insert writes a new row")
         with self._clock_lock:
             hlc = self._clock.now()
-        current = self.get(table, pk)
+        current = None if new else self.get(table, pk)
         old: dict[str, Value] | None = None
         if current is not None and op is Op.UPDATE:
             old = {name: current.get(name) for name in changed}
@@ -127,7 +136,7 @@ class Tx:
             self._seen[(table, pk)] = None
         else:
             values = apply_local(io.spec, current, op, changed)
-            conn.execute(io.upsert, io.params(pk, values))
+            conn.execute(io.insert if new else io.upsert, io.params(pk, values))
             self._seen[(table, pk)] = values
         conn.execute(
             _LOG_CHANGE,

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 GENESIS = "0" * 64
@@ -22,10 +23,36 @@ CHAINED_FIELDS = ("position", "at_ms", "employee_id", "device_id", "action", "de
 
 def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
     """The hash of an entry given the previous entry's hash."""
-    body = json.dumps(
-        {name: entry.get(name) for name in CHAINED_FIELDS}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+    return hashlib.sha256(f"{prev_hash}\n{canonical_json(entry)}".encode()).hexdigest()
+
+
+def canonical_json(entry: Mapping[str, Any]) -> str:
+    """The entry's ``CHAINED_FIELDS`` (absent: null) as ``json.dumps`` writes them with sorted
+    keys and no spaces (non-ASCII escaped): the text the hash covers.
+
+    Every entry is written on a hot path (one per mutation), so the usual values (text, an
+    integer, null) are written here directly, with the escaping ``json.dumps`` itself uses;
+    any other value goes through ``json.dumps``. Both give the same text.
+    """
+    parts = []
+    for name in _SORTED_FIELDS:
+        value = entry.get(name)
+        kind = type(value)
+        if value is None:
+            text = "null"
+        elif kind is str:
+            text = _escape(value)
+        elif kind is int:
+            text = int.__repr__(value)
+        else:
+            body = {name: entry.get(name) for name in CHAINED_FIELDS}
+            return json.dumps(body, sort_keys=True, separators=(",", ":"))
+        parts.append(f'"{name}":{text}')
+    return "{" + ",".join(parts) + "}"
+
+
+_SORTED_FIELDS = tuple(sorted(CHAINED_FIELDS))
+_escape = encode_basestring_ascii  # json.dumps's own (ensure_ascii=True)
 
 
 @dataclass(frozen=True, slots=True)

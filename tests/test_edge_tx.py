@@ -80,6 +80,36 @@ def test_a_transaction_reads_its_own_writes_and_commits_all_of_it(tmp_path: Path
     run(body)
 
 
+def test_a_new_row_is_inserted_unread_and_an_existing_id_is_refused_not_merged(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            await store.write("orders", "o1", Op.INSERT, {"table_name": "T1", "covers": 2})
+            statements: list[str] = []
+
+            def add(tx: Tx, pk: str) -> None:
+                tx._conn.set_trace_callback(statements.append)
+                try:
+                    tx.write("orders", pk, Op.INSERT, {"table_name": "T9"}, new=True)
+                finally:
+                    tx._conn.set_trace_callback(None)
+
+            await store.transaction(lambda tx: add(tx, "o2"))
+            assert not [s for s in statements if s.startswith("SELECT")]  # not read first
+            assert (await store.get("orders", "o2") or {})["table_name"] == "T9"
+            with pytest.raises(sqlite3.IntegrityError):  # o1 exists: nothing merged into it
+                await store.transaction(lambda tx: add(tx, "o1"))
+            assert (await store.get("orders", "o1") or {})["table_name"] == "T1"
+            assert [c.pk for c in await store.outbox_after(0, 10)] == ["o1", "o2"]
+            with pytest.raises(ValueError):
+                await store.transaction(
+                    lambda tx: tx.write("orders", "o1", Op.UPDATE, {"covers": 1}, new=True)
+                )
+
+    run(body)
+
+
 def test_a_failing_transaction_keeps_nothing_and_publishes_nothing(tmp_path: Path) -> None:
     async def body() -> None:
         async with await open_store(tmp_path) as store:

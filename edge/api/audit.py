@@ -69,7 +69,7 @@ def record(tx: Tx, action: str, who: Principal | None, approved_by: str | None) 
     }
     entry["prev_hash"] = prev_hash
     entry["hash"] = entry_hash(prev_hash, entry)
-    tx.write("audit_log", f"{tx.node_id}:{position:012d}", Op.INSERT, entry)
+    tx.write("audit_log", f"{tx.node_id}:{position:012d}", Op.INSERT, entry, new=True)
 
 
 def _redacted(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
