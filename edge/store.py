@@ -1,15 +1,20 @@
 """The edge's SQLite store: synced rows, the outbox of local changes, and sync cursors.
 
-How it works. One writer connection takes every write under ``BEGIN IMMEDIATE``. It lives
-on its own thread (a one-worker executor, as datasette's write thread does): a whole
-transaction is one function run there, so a write costs one hand-off between the event loop
-and that thread however many statements it runs. (aiosqlite, which serves the reads, hands
-off once per statement; under load each hand-off waits for the loop and the GIL, which made
-a five-statement write several times slower at the tail.) Transactions queue in order; those
-that queued while the writer was busy run as one group, each in its own savepoint, and share
-one ``COMMIT`` (group commit: one fsync for many writes, and a failing one is undone alone;
-when SQLite itself undoes the whole transaction, as on a full disk, the whole group fails and
-every caller gets a ``StorageError``).
+How it works. One writer connection takes every write under ``BEGIN IMMEDIATE``; a whole
+transaction is one plain function (``Tx``), never a statement-by-statement conversation
+between threads. (aiosqlite, which serves the reads, hands off once per statement; under
+load each hand-off waits for the loop and the GIL, which made a five-statement write several
+times slower at the tail.) Transactions queue in order; those that queued while the writer
+was busy run as one group, each in its own savepoint, and share one ``COMMIT`` (group commit:
+one fsync for many writes, and a failing one is undone alone; when SQLite itself undoes the
+whole transaction, as on a full disk, the whole group fails and every caller gets a
+``StorageError``). Where a group runs: a tablet's write is small (a few rows, a bounded
+request), so its group's functions run right on the event loop, and only the ``COMMIT`` and
+its fsync go to the writer's own thread (a one-worker executor, as datasette's write thread
+is): run on that thread instead, every statement's release and retake of the GIL queued
+behind the loop's HTTP work, which halved the writer's pace under load. A group with a heavy
+job (a pulled page, a prune), or one that finds the database locked by another process (its
+``BEGIN`` never waits on the loop), runs wholly on the writer thread.
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
 cancelled caller cannot cut a transaction short (it runs to its end on the writer thread),
@@ -152,7 +157,9 @@ class EdgeStore:
         self._clock_lock = threading.Lock()
         #: set after every committed local write (the uplink waits on it to push at once)
         self.changed = asyncio.Event()
-        self._writer = writer  # used only on the executor's one thread
+        #: never used by two threads at once: the drainer runs one group at a time, its
+        #: functions on the event loop or the executor's one thread, its commit on the latter
+        self._writer = writer
         self._executor = executor
         self._reader = reader
         self._state = state
@@ -196,9 +203,10 @@ class EdgeStore:
 
         def connect() -> tuple[sqlite3.Connection, State, int]:
             migrate(path, registry, site_id, node_id)
-            conn = sqlite3.connect(str(path), isolation_level=None)
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             try:
-                for pragma in ("busy_timeout = 5000", "journal_mode = WAL"):
+                # busy_timeout 0: a BEGIN on the event loop must not wait (see _try_begin)
+                for pragma in ("busy_timeout = 0", "journal_mode = WAL"):
                     conn.execute(f"PRAGMA {pragma}")
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
                 if max_db_bytes is not None:
@@ -253,18 +261,22 @@ class EdgeStore:
     # -- transactions ----------------------------------------------------------------------
 
     async def _transact(
-        self, body: Callable[[sqlite3.Connection, State], T], local: bool = False
+        self,
+        body: Callable[[sqlite3.Connection, State], T],
+        local: bool = False,
+        heavy: bool = False,
     ) -> T:
-        """Run ``body`` on the writer thread in a transaction a cancelled caller cannot cut.
+        """Run ``body`` in a write transaction a cancelled caller cannot cut.
 
         Transactions queued while the writer is busy commit together (group commit): each
         runs in its own savepoint, so one that fails is undone alone and gets its error,
         and all of them share one ``COMMIT`` (one fsync). Every caller is answered only
-        after that commit.
+        after that commit. ``heavy``: the body may run long, so its group runs on the writer
+        thread, leaving the event loop free meanwhile.
         """
         if self._closed:
             raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-        job: _Job[T] = _Job(body, asyncio.get_running_loop().create_future(), local)
+        job: _Job[T] = _Job(body, asyncio.get_running_loop().create_future(), local, heavy)
         self._pending.append(job)
         if self._drainer is None:
             self._drainer = asyncio.ensure_future(self._drain())
@@ -277,10 +289,15 @@ class EdgeStore:
             while self._pending:
                 jobs = self._pending[:_GROUP_MAX]
                 del self._pending[:_GROUP_MAX]
+                bodies = [job.body for job in jobs]
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self._executor, self._run_group, [job.body for job in jobs]
-                    )
+                    if any(job.heavy for job in jobs) or not self._try_begin():
+                        outcomes = await loop.run_in_executor(
+                            self._executor, self._run_group, bodies
+                        )
+                    else:  # begun on the loop: run the group here, commit on the thread
+                        outcomes, state = self._run_bodies(bodies)
+                        await loop.run_in_executor(self._executor, self._commit, state)
                 except BaseException as exc:  # the commit failed: none of the group happened
                     for job in jobs:
                         _settle(job.future, exc)
@@ -303,14 +320,43 @@ class EdgeStore:
         finally:
             self._drainer = None
 
-    def _run_group(self, bodies: list[Callable[[sqlite3.Connection, State], Any]]) -> list[Any]:
-        """On the writer thread: run each body in its own savepoint, then commit them all."""
+    def _try_begin(self) -> bool:
+        """On the event loop: ``BEGIN IMMEDIATE`` unless another connection holds the write
+        lock (then False, at once: the group waits for it on the writer thread)."""
         conn = self._writer
         if conn.in_transaction:  # never expected; refuse to build on a stray transaction
             conn.execute("ROLLBACK")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        return True
+
+    def _run_group(self, bodies: list[Callable[[sqlite3.Connection, State], Any]]) -> list[Any]:
+        """On the writer thread: begin (waiting for a lock another process holds, as long as
+        ``_BUSY_WAIT_MS``), run each body in its own savepoint, then commit them all."""
+        conn = self._writer
+        if conn.in_transaction:  # never expected; refuse to build on a stray transaction
+            conn.execute("ROLLBACK")
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT_MS}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
+        outcomes, state = self._run_bodies(bodies)
+        self._commit(state)
+        return outcomes
+
+    def _run_bodies(
+        self, bodies: list[Callable[[sqlite3.Connection, State], Any]]
+    ) -> tuple[list[Any], State]:
+        """In the transaction just begun: each body in its own savepoint; the outcomes and
+        the state to commit. If SQLite undoes the whole transaction, rolls back and raises."""
+        conn = self._writer
         state = self._state
         outcomes: list[Any] = []
-        conn.execute("BEGIN IMMEDIATE")
         try:
             for body in bodies:
                 staged = replace(state)
@@ -331,13 +377,23 @@ class EdgeStore:
                 conn.execute("RELEASE job")
                 state = staged
                 outcomes.append(result)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes, state
+
+    def _commit(self, state: State) -> None:
+        """On the writer thread: commit the group (nothing to commit: roll back), then
+        make ``state`` the store's."""
+        conn = self._writer
+        try:
             conn.execute("COMMIT" if state is not self._state else "ROLLBACK")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         self._state = state
-        return outcomes
 
     def observe(self, remote_hlc: int) -> None:
         """Merge a peer's HLC timestamp into this node's clock."""
@@ -361,11 +417,12 @@ class EdgeStore:
             lambda tx: [tx.write(table, pk, op, fields) for table, pk, op, fields in writes]
         )
 
-    async def transaction(self, fn: Callable[[Tx], T]) -> T:
-        """Run ``fn`` in one write transaction on the writer thread; returns what it returns.
+    async def transaction(self, fn: Callable[[Tx], T], *, heavy: bool = False) -> T:
+        """Run ``fn`` in one write transaction; returns what it returns.
 
         ``fn`` is plain (not async) domain code: see ``edge.tx``. If it raises, nothing it
-        did is kept and the error reaches the caller.
+        did is kept and the error reaches the caller. It runs on the event loop unless it
+        is ``heavy`` (long: thousands of rows): pass that, and it runs on the writer thread.
         """
 
         def body(conn: sqlite3.Connection, st: State) -> _TxDone[T]:
@@ -378,7 +435,7 @@ class EdgeStore:
                         tx.emit("row", _row_event(table, pk, tx.get(table, pk)))
             return _TxDone(value, tx.events, bool(tx.changes))
 
-        return await self._transact(body)  # type: ignore[arg-type]
+        return await self._transact(body, heavy=heavy)  # type: ignore[arg-type]
 
     # -- live events -----------------------------------------------------------------------
 
@@ -606,7 +663,7 @@ class EdgeStore:
             _reflect(conn, st)
             return _TxDone(len(latest), events, False)
 
-        return await self._transact(body)  # type: ignore[arg-type]
+        return await self._transact(body, heavy=True)  # type: ignore[arg-type]
 
     def _logged(
         self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State
@@ -666,6 +723,7 @@ class EdgeStore:
 
 
 _GROUP_MAX = 256  # transactions committed together at most
+_BUSY_WAIT_MS = 5000  # how long a write waits for a lock another process holds
 
 
 @dataclass(slots=True)
@@ -675,6 +733,7 @@ class _Job(Generic[T]):
     body: Callable[[sqlite3.Connection, State], T]
     future: asyncio.Future[T]
     local: bool  # a local write: the uplink is told after it commits
+    heavy: bool  # may run long: its group runs on the writer thread
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,6 +107,73 @@ def test_a_new_row_is_inserted_unread_and_an_existing_id_is_refused_not_merged(
                 await store.transaction(
                     lambda tx: tx.write("orders", "o1", Op.UPDATE, {"covers": 1}, new=True)
                 )
+
+    run(body)
+
+
+def test_a_small_transaction_runs_on_the_loop_and_a_heavy_one_on_the_writer_thread(
+    tmp_path: Path,
+) -> None:
+    """Both commit on the writer thread (its fsync never holds the event loop)."""
+
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            loop_thread = threading.get_ident()
+            commits: list[int] = []
+            store._writer.set_trace_callback(
+                lambda sql: commits.append(threading.get_ident()) if sql == "COMMIT" else None
+            )
+
+            def write(pk: str) -> Callable[[Tx], int]:
+                def fn(tx: Tx) -> int:
+                    tx.write("orders", pk, Op.INSERT, {"table_name": "T1"})
+                    return threading.get_ident()
+
+                return fn
+
+            assert await store.transaction(write("o1")) == loop_thread
+            assert len(commits) == 1 and commits[0] != loop_thread
+            writer_thread = commits[0]
+            assert await store.transaction(write("o2"), heavy=True) == writer_thread
+            assert commits == [writer_thread, writer_thread]
+            assert sorted(await store.rows("orders")) == ["o1", "o2"]
+
+    run(body)
+
+
+def test_a_write_lock_held_elsewhere_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    """Another connection (a backup, an operator's shell) holds the write lock: the write
+    waits for it on the writer thread while the loop keeps serving, then commits."""
+
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            await store.write("orders", "o1", Op.INSERT, {"table_name": "T1"})
+            other = sqlite3.connect(tmp_path / "edge.sqlite", isolation_level=None)
+            gaps: list[float] = []
+
+            async def tick() -> None:
+                loop = asyncio.get_running_loop()
+                while True:
+                    before = loop.time()
+                    await asyncio.sleep(0.005)
+                    gaps.append(loop.time() - before)
+
+            ticker = asyncio.create_task(tick())
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                write = asyncio.create_task(
+                    store.write("orders", "o2", Op.INSERT, {"table_name": "T2"})
+                )
+                await asyncio.sleep(0.5)
+                assert not write.done()  # waiting for the lock...
+                assert len(gaps) > 20 and max(gaps) < 0.25  # ...but not on the event loop
+                other.execute("ROLLBACK")
+                await asyncio.wait_for(write, 5)
+            finally:
+                ticker.cancel()
+                other.close()
+            assert sorted(await store.rows("orders")) == ["o1", "o2"]
+            await store.write("orders", "o3", Op.INSERT, {"table_name": "T3"})  # back on the loop
 
     run(body)
 

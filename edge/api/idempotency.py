@@ -76,7 +76,8 @@ async def prune(store: EdgeStore, keys: AnsweredKeys, keep_ms: int = KEEP_MS) ->
                     " RETURNING device_id, key",
                     (before, CHUNK),
                 )
-            ]
+            ],
+            heavy=True,
         )
         keys.discard(gone)
         deleted += len(gone)

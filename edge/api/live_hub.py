@@ -489,7 +489,8 @@ async def prune_events(store: EdgeStore, keep_ms: int, keep_last: int, chunk: in
                 "DELETE FROM events WHERE seq IN"
                 " (SELECT seq FROM events WHERE seq <= ? ORDER BY seq LIMIT ?)",
                 (through, chunk),
-            )
+            ),
+            heavy=True,
         )
         deleted += count
         if count < chunk:
