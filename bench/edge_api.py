@@ -156,14 +156,21 @@ async def wait_http(url: str, server: Process, timeout_s: float = 30.0) -> None:
 
 
 async def load(*args: str) -> dict[str, Any]:
-    """Run the load generator with ``args``; its JSON result."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(LOAD), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
-    result: dict[str, Any] = json.loads(out)
+    """Run the load generator with ``args``; its JSON result.
+
+    The result (hundreds of kilobytes for the live phase) comes back in a file, not through
+    a pipe: one run's piped result once arrived with a line break in it.
+    """
+    with tempfile.TemporaryDirectory(prefix="fynlo-load-") as tmp:
+        out = Path(tmp) / "result.json"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(LOAD), *args, "--out", str(out),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
+        result: dict[str, Any] = json.loads(out.read_bytes())
     return result
 
 

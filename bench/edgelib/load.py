@@ -17,7 +17,7 @@ client, the time from the ticket's commit (its ``fired_at_ms``; the baseline: it
 to its bytes arriving at that client (``wsclient.StampingSocket``: stamped on arrival, parsed
 after the run). Prints JSON: clients, delivered, missing, latencies (ms).
 
-Both print one JSON object on stdout as their only output.
+Both print one JSON object on stdout as their only output (or write it to ``--out``).
 """
 
 from __future__ import annotations
@@ -218,9 +218,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--fires", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, help="write the JSON result here (default: stdout)")
     ns = parser.parse_args()
     run = http_load if ns.mode == "http" else ws_load
-    print(json.dumps(_on_edge_loop(run(ns))))
+    result = json.dumps(_on_edge_loop(run(ns)))
+    if ns.out is not None:
+        ns.out.write_text(result)
+    else:
+        print(result)
     return 0
 
 
