@@ -17,7 +17,7 @@ job (a pulled page, a prune), or one that finds the database locked by another p
 ``BEGIN`` never waits on the loop), runs wholly on the writer thread.
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
-cancelled caller cannot cut a transaction short (it runs to its end on the writer thread),
+cancelled caller cannot cut a transaction short (it runs to its end where it started),
 and the in-memory copy of ``sync_state`` is replaced only after ``COMMIT``, so cursors move
 only with what they describe. Local timestamps are taken inside the transaction that logs
 them, so they rise with ``seq``.
@@ -153,7 +153,7 @@ class EdgeStore:
         self.site_id = site_id
         self.node_id = node_id
         self.clock = clock
-        #: the writer thread takes local timestamps, the event loop merges remote ones
+        #: transactions take local timestamps (on either thread), the loop merges remote ones
         self._clock_lock = threading.Lock()
         #: set after every committed local write (the uplink waits on it to push at once)
         self.changed = asyncio.Event()
@@ -728,7 +728,7 @@ _BUSY_WAIT_MS = 5000  # how long a write waits for a lock another process holds
 
 @dataclass(slots=True)
 class _Job(Generic[T]):
-    """A transaction waiting for the writer thread."""
+    """A transaction waiting for the writer."""
 
     body: Callable[[sqlite3.Connection, State], T]
     future: asyncio.Future[T]
@@ -747,7 +747,7 @@ class _TxDone(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
-    """A job's error, carried back from the writer thread to its caller."""
+    """A job's error, carried back to its caller."""
 
     error: BaseException
 
@@ -763,7 +763,7 @@ def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
         future.set_result(outcome)
 
 
-# -- on the writer thread -------------------------------------------------------------------
+# -- inside transactions --------------------------------------------------------------------
 
 
 def _row_event(table: str, pk: str, values: Mapping[str, Value] | None) -> dict[str, Any]:

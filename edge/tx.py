@@ -1,4 +1,4 @@
-"""One edge store transaction as domain code sees it (it runs on the store's writer thread).
+"""One edge store transaction as domain code sees it (run by the store's single writer).
 
 A domain operation (open an order, add a line, 86 an item) is a plain function of a ``Tx``,
 handed to ``EdgeStore.transaction``; everything it does commits together or not at all:
