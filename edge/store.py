@@ -408,13 +408,17 @@ class EdgeStore:
         return (await self.write_many([(table, pk, op, fields)]))[0]
 
     async def write_many(self, writes: Sequence[Write]) -> list[Change]:
-        """Write several rows atomically (all or nothing); returns their changes in order."""
+        """Write several rows atomically (all or nothing); returns their changes in order.
+
+        More than ``_HEAVY_WRITES`` rows (an import, a seed) run on the writer thread.
+        """
         for table, pk, op, fields in writes:  # refuse a malformed write before queueing
             prepare_write(self._io(table), pk, op, fields)
         if not writes:
             return []
         return await self.transaction(
-            lambda tx: [tx.write(table, pk, op, fields) for table, pk, op, fields in writes]
+            lambda tx: [tx.write(table, pk, op, fields) for table, pk, op, fields in writes],
+            heavy=len(writes) > _HEAVY_WRITES,
         )
 
     async def transaction(self, fn: Callable[[Tx], T], *, heavy: bool = False) -> T:
@@ -723,6 +727,7 @@ class EdgeStore:
 
 
 _GROUP_MAX = 256  # transactions committed together at most
+_HEAVY_WRITES = 100  # write_many with more rows than this runs on the writer thread
 _BUSY_WAIT_MS = 5000  # how long a write waits for a lock another process holds
 
 

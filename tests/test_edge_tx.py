@@ -137,6 +137,21 @@ def test_a_small_transaction_runs_on_the_loop_and_a_heavy_one_on_the_writer_thre
             assert await store.transaction(write("o2"), heavy=True) == writer_thread
             assert commits == [writer_thread, writer_thread]
             assert sorted(await store.rows("orders")) == ["o1", "o2"]
+            # write_many: a few rows on the loop, an import's worth on the writer thread
+            inserts: set[int] = set()
+            store._writer.set_trace_callback(
+                lambda sql: inserts.add(threading.get_ident()) if sql.startswith("INSERT") else None
+            )
+            await store.write_many(
+                [("orders", f"s{i}", Op.INSERT, {"covers": i}) for i in range(5)]
+            )
+            assert inserts == {loop_thread}
+            inserts.clear()
+            await store.write_many(
+                [("orders", f"b{i}", Op.INSERT, {"covers": i}) for i in range(101)]
+            )
+            assert inserts == {writer_thread}
+            assert len(await store.rows("orders")) == 2 + 5 + 101
 
     run(body)
 
