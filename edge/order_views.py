@@ -99,9 +99,13 @@ ORDER_SQL = (
     " FROM orders AS o WHERE o.id = ?"
 )
 
-#: parameters: statuses as a JSON list (or None), business day (or None), limit
+#: parameters: statuses as a JSON list (or None), business day (or None), limit. Each row:
+#: the order's header and its lines' (quantity, unit price, voided) as in ``LINE_MONEY_SQL``
 ORDERS_SQL = (
-    f"SELECT {object_sql(ORDERS, 'o')}, {rows_json(ORDER_LINES, 'r.order_id = o.id')}"
+    f"SELECT {object_sql(ORDERS, 'o')},"
+    " (SELECT coalesce(json_group_array(json_array(r.quantity, r.unit_price_pence,"
+    " CASE WHEN r.voided THEN 1 ELSE 0 END)), '[]') FROM order_lines AS r"
+    " WHERE r.order_id = o.id)"
     " FROM orders AS o"
     " WHERE (?1 IS NULL OR o.status IN (SELECT value FROM json_each(?1)))"
     " AND (?2 IS NULL OR o.business_day = ?2)"
@@ -137,6 +141,7 @@ _object = msgspec.json.Decoder(dict[str, Any])
 _objects = msgspec.json.Decoder(list[dict[str, Any]])
 _stored_lines = msgspec.json.Decoder(list[_StoredLine])
 _modifiers = msgspec.json.Decoder(list[ChosenModifier])
+_money = msgspec.json.Decoder(list[tuple[Any, Any, Any]])
 _encode = msgspec.json.encode
 
 
@@ -207,6 +212,11 @@ LINE_MONEY_SQL = (
 )
 
 
+def summary_from_row(row: Sequence[str]) -> OrderSummary:
+    """The ``OrderSummary`` from a row of ``ORDERS_SQL`` (no line is built, only summed)."""
+    return summary_from(_object.decode(row[0]), _money.decode(row[1]))
+
+
 def summary_from(header: dict[str, Any], money: Sequence[Sequence[Any]]) -> OrderSummary:
     """An order's summary from its row (with ``id``) and its ``LINE_MONEY_SQL`` rows."""
     lines = [(q if type(q) is int else 0, u if type(u) is int else 0, bool(v)) for q, u, v in money]
@@ -251,7 +261,7 @@ def lines_from_json(text: str) -> list[LineView]:
 
 
 def order_from_row(row: Sequence[str]) -> OrderView:
-    """The ``OrderView`` from a row of ``ORDER_SQL`` (or ``ORDERS_SQL``)."""
+    """The ``OrderView`` from a row of ``ORDER_SQL``."""
     header = _object.decode(row[0])
     lines = lines_from_json(row[1])
     return OrderView(**_header(header), totals=totals_of(lines), lines=lines)
@@ -274,9 +284,3 @@ def _header(header: dict[str, Any]) -> dict[str, Any]:
         "currency": as_str(header, "currency", "GBP"),
         "version": header_version(header),
     }
-
-
-def summary_of(order: OrderView) -> OrderSummary:
-    """The order without its lines."""
-    fields = {name: getattr(order, name) for name in OrderSummary.__struct_fields__}
-    return OrderSummary(**fields)

@@ -355,6 +355,8 @@ def test_a_line_add_answers_with_the_order_totals_and_only_the_lines_it_added(
         got, whole, _ = await edge.call("GET", f"{ORDERS}/{oid}", till.headers("sam"))
         assert added["order"] == {k: v for k, v in whole.items() if k != "lines"}
         assert whole["lines"][-2:] == added["lines"]
+        got, listed, _ = await edge.call("GET", ORDERS, till.headers("sam"))  # summed, not built
+        assert got == 200 and listed["orders"] == [added["order"]]
         assert whole["totals"]["line_count"] == 14 - 3 and whole["totals"]["voided_pence"] > 0
         shown = {line["id"]: line for line in whole["lines"]}
         for answer in answers:  # each line as it was added (none voided yet then)

@@ -36,7 +36,14 @@ from ..order_lines import (
     VoidOrder,
     sent_lines_live,
 )
-from ..order_views import ORDER_SQL, ORDERS_SQL, OrderList, OrderView, order_from_row, summary_of
+from ..order_views import (
+    ORDER_SQL,
+    ORDERS_SQL,
+    OrderList,
+    OrderView,
+    order_from_row,
+    summary_from_row,
+)
 from ..orders import HeaderChanges, NewOrder, Transfer
 from .auth import new_id
 from .errors import ApiCode
@@ -104,7 +111,7 @@ async def list_orders(ctx: Ctx) -> OrderList:
     q: OrderQuery = ctx.query
     statuses = json.dumps(q.status.split(",")) if q.status is not None else None
     rows = await ctx.store.query(ORDERS_SQL, (statuses, q.business_day, q.limit))
-    return OrderList([summary_of(order_from_row(row)) for row in rows])
+    return OrderList([summary_from_row(row) for row in rows])
 
 
 @routes.route(
