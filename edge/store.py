@@ -226,7 +226,9 @@ class EdgeStore:
             raise
         reader: aiosqlite.Connection | None = None
         try:
-            reader = await aiosqlite.connect(str(path), isolation_level=None)
+            reader = aiosqlite.connect(str(path), isolation_level=None)
+            _daemon_thread(reader)
+            await reader
             await reader.execute("PRAGMA busy_timeout = 5000")
             await reader.execute("PRAGMA query_only = ON")
         except BaseException:
@@ -724,6 +726,20 @@ class EdgeStore:
         """The mirrored open conflicts of this site, as the cloud described them."""
         rows = await self._reader.execute_fetchall("SELECT body FROM conflicts ORDER BY id")
         return [msgpack.unpackb(row[0], raw=False) for row in rows]
+
+
+def _daemon_thread(reader: aiosqlite.Connection) -> None:
+    """Make the read connection's thread a daemon before it starts.
+
+    The interpreter waits for every other thread before it exits, and aiosqlite's ends only
+    when the connection is closed: a process leaving with a store it never closed (an error
+    that skipped the cleanup, a second Ctrl-C during it) would hang instead of exiting, and
+    its supervisor would never restart it. The thread only reads; nothing is lost by not
+    waiting for it. (The writer's executor thread is stopped at exit by ``concurrent.futures``.)
+    """
+    thread = getattr(reader, "_thread", None)
+    if isinstance(thread, threading.Thread) and thread.ident is None:
+        thread.daemon = True
 
 
 _GROUP_MAX = 256  # transactions committed together at most

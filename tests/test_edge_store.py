@@ -8,6 +8,9 @@ import json
 import logging
 import socket
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +31,7 @@ from sync_protocol.schema import Column, ColumnType, Registry, TableSpec
 from sync_protocol.wire import PullPage, PushAck
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
 SITE, NODE = "site-1", "edge-1"
 T0 = 1_700_000_000_000
 
@@ -883,3 +887,34 @@ def test_writes_grouped_with_one_that_fills_the_disk_are_each_kept_or_refused_wh
         assert last == successes
 
     run(body)
+
+
+def test_a_process_that_never_closes_its_store_still_exits(tmp_path: Path) -> None:
+    # The store is still referenced when the interpreter shuts down (a global, as after an
+    # error that skipped the cleanup): the process must exit, with what it wrote kept.
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from edge.store import EdgeStore
+        from shared.registry import default_registry
+
+        async def main():
+            global store
+            store = await EdgeStore.open(
+                {str(tmp_path / "edge.sqlite")!r}, default_registry(), "site-1", "edge-1"
+            )
+            await store.write("menu_categories", "c1", 1, {{"name": "Mains", "position": 1}})
+            await store.query("SELECT 1")  # the reader's thread is running
+
+        asyncio.run(main())
+        print("left", flush=True)
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process hung at exit with its store open") from None
+    assert done.returncode == 0 and done.stdout == "left\n", done.stderr
+    assert raw(tmp_path, "SELECT name FROM menu_categories") == [("Mains",)]
