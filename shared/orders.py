@@ -36,8 +36,22 @@ ORDER_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
 #: statuses in which lines may be added, voided, moved and fired, and the header edited
 EDITABLE: frozenset[OrderStatus] = frozenset({OrderStatus.OPEN, OrderStatus.FIRED})
 
-#: statuses in forward order; concurrent edits keep the furthest one
-ORDER_STATUS_RANKS: tuple[str, ...] = tuple(s.value for s in OrderStatus)
+#: statuses in forward order; concurrent edits keep the furthest one. ``voided`` ranks below
+#: ``paid`` and ``closed``: a check voided on one side while it was paid or closed on the
+#: other (one of them offline) keeps the payment's status, because money taken is a fact and
+#: a void only an intent. The void's own line voids still stand (each is its own change), so
+#: such a check shows what was paid against lines no longer sold: a refund, not a lost
+#: payment. (Locally ``voided`` is final and reached only from ``open`` or ``fired``.)
+ORDER_STATUS_RANKS: tuple[str, ...] = tuple(
+    s.value
+    for s in (
+        OrderStatus.OPEN,
+        OrderStatus.FIRED,
+        OrderStatus.VOIDED,
+        OrderStatus.PAID,
+        OrderStatus.CLOSED,
+    )
+)
 
 
 def can_move(current: OrderStatus, target: OrderStatus) -> bool:

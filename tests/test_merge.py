@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.orders import ORDER_STATUS_RANKS, ORDER_TRANSITIONS, OrderStatus
 from shared.registry import default_registry
 from sync_protocol import (
     Author,
@@ -135,6 +136,28 @@ def test_own_earlier_changes_are_never_a_conflict() -> None:
     mine = order_row(rev=10, origin="edge-a", covers=3)
     out = apply_change(spec, mine, edit({"covers": 4}, base=5), rev=11)
     assert out.kind is OutcomeKind.APPLIED and out.state.values["covers"] == 4
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("kept", ["paid", "closed"])
+def test_a_check_paid_on_one_side_and_voided_on_the_other_keeps_its_payment(
+    strategy: Strategy, kept: str
+) -> None:
+    # The two moves happened concurrently (each side unaware of the other); whichever the
+    # cloud receives first, the money taken stands.
+    spec = ORDERS.with_strategy(strategy)
+    for present, incoming in ((kept, "voided"), ("voided", kept)):
+        out = apply_change(spec, order_row(status=present), edit({"status": incoming}), rev=11)
+        assert out.state.values["status"] == kept, (present, incoming)
+        assert out.conflict is None
+
+
+def test_every_move_of_the_transition_table_goes_up_the_ranks() -> None:
+    # So a merge with an older status never undoes a move a writer made.
+    assert set(ORDER_STATUS_RANKS) == {s.value for s in OrderStatus}
+    for current, targets in ORDER_TRANSITIONS.items():
+        for target in targets:
+            assert ORDER_STATUS_RANKS.index(target) > ORDER_STATUS_RANKS.index(current)
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
