@@ -8,8 +8,10 @@ header fields a tablet edits (table, covers, notes, server): a tablet sends it b
 Adding, voiding or firing lines does not change it, so those never collide with a header edit.
 
 Totals are integer pence over the lines not voided: ``subtotal_pence`` is the sum of
-quantity × unit price (modifiers included); ``total_pence`` is what is due (the subtotal
-until discounts, tax and service exist); ``voided_pence`` is what voids took off.
+quantity × unit price (modifiers included); ``discount_pence`` is what the check's discount
+takes off it (a percentage of it rounded half up by ``shared.money``, or a fixed amount, never
+more than the subtotal); ``total_pence`` is what is due, the subtotal less the discount (tax
+and service do not exist yet); ``voided_pence`` is what voids took off.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from shared.money import percent_of
 from shared.registry import ORDER_LINES, ORDERS
 
 from .menu import ChosenModifier
@@ -57,10 +60,21 @@ class Totals(msgspec.Struct, frozen=True):
     """Money on the order, in pence, over the lines not voided."""
 
     subtotal_pence: int
+    discount_pence: int
     total_pence: int
     voided_pence: int
     line_count: int
     item_count: int
+
+
+class Discount(msgspec.Struct, frozen=True):
+    """The check's discount: ``percent`` of the subtotal, or ``amount_pence`` off it."""
+
+    percent: int | None
+    amount_pence: int | None
+    reason: str | None
+    by: str | None
+    approved_by: str | None
 
 
 class OrderSummary(msgspec.Struct, frozen=True):
@@ -78,6 +92,7 @@ class OrderSummary(msgspec.Struct, frozen=True):
     closed_at_ms: int | None
     notes: str | None
     currency: str
+    discount: Discount | None
     version: str
     totals: Totals
 
@@ -186,13 +201,13 @@ def line_of(row: dict[str, Any]) -> LineView:
     )
 
 
-def totals_of(lines: Sequence[LineView]) -> Totals:
-    """The order's money from its lines."""
-    return _totals([(line.quantity, line.unit_price_pence, line.voided) for line in lines])
+def totals_of(discount: Discount | None, lines: Sequence[LineView]) -> Totals:
+    """The order's money from its discount and its lines."""
+    return _totals(discount, [(ln.quantity, ln.unit_price_pence, ln.voided) for ln in lines])
 
 
-def _totals(lines: Sequence[tuple[int, int, bool]]) -> Totals:
-    """Totals from each line's (quantity, unit price, voided)."""
+def _totals(discount: Discount | None, lines: Sequence[tuple[int, int, bool]]) -> Totals:
+    """Totals from the discount and each line's (quantity, unit price, voided)."""
     subtotal = voided = line_count = item_count = 0
     for quantity, unit, was_voided in lines:
         if was_voided:
@@ -201,7 +216,41 @@ def _totals(lines: Sequence[tuple[int, int, bool]]) -> Totals:
             subtotal += quantity * unit
             line_count += 1
             item_count += quantity
-    return Totals(subtotal, subtotal, voided, line_count, item_count)
+    off = discount_off(discount, subtotal)
+    return Totals(
+        subtotal_pence=subtotal,
+        discount_pence=off,
+        total_pence=subtotal - off,
+        voided_pence=voided,
+        line_count=line_count,
+        item_count=item_count,
+    )
+
+
+def discount_off(discount: Discount | None, subtotal: int) -> int:
+    """What ``discount`` takes off ``subtotal``: between 0 and the subtotal (a percentage wins
+    over an amount if a row somehow has both)."""
+    if discount is None or subtotal <= 0:
+        return 0
+    if discount.percent is not None:
+        off = percent_of(subtotal, discount.percent)
+    else:
+        off = discount.amount_pence or 0
+    return max(0, min(off, subtotal))
+
+
+def discount_of(order: dict[str, Any]) -> Discount | None:
+    """The discount of an order's row (None when it has none; wrong types read as none)."""
+    percent, amount = opt_int(order, "discount_percent"), opt_int(order, "discount_pence")
+    if percent is None and amount is None:
+        return None
+    return Discount(
+        percent,
+        amount,
+        opt_str(order, "discount_reason"),
+        opt_str(order, "discounted_by"),
+        opt_str(order, "discount_approved_by"),
+    )
 
 
 #: each line's (quantity, unit price, voided) of one order, read as ``ORDER_SQL`` reads them
@@ -220,7 +269,8 @@ def summary_from_row(row: Sequence[str]) -> OrderSummary:
 def summary_from(header: dict[str, Any], money: Sequence[Sequence[Any]]) -> OrderSummary:
     """An order's summary from its row (with ``id``) and its ``LINE_MONEY_SQL`` rows."""
     lines = [(q if type(q) is int else 0, u if type(u) is int else 0, bool(v)) for q, u, v in money]
-    return OrderSummary(**_header(header), totals=_totals(lines))
+    fields = _header(header)
+    return OrderSummary(**fields, totals=_totals(fields["discount"], lines))
 
 
 def _line_from_stored(s: _StoredLine) -> LineView:
@@ -264,7 +314,8 @@ def order_from_row(row: Sequence[str]) -> OrderView:
     """The ``OrderView`` from a row of ``ORDER_SQL``."""
     header = _object.decode(row[0])
     lines = lines_from_json(row[1])
-    return OrderView(**_header(header), totals=totals_of(lines), lines=lines)
+    fields = _header(header)
+    return OrderView(**fields, totals=totals_of(fields["discount"], lines), lines=lines)
 
 
 def _header(header: dict[str, Any]) -> dict[str, Any]:
@@ -282,5 +333,6 @@ def _header(header: dict[str, Any]) -> dict[str, Any]:
         "closed_at_ms": opt_int(header, "closed_at_ms"),
         "notes": opt_str(header, "notes"),
         "currency": as_str(header, "currency", "GBP"),
+        "discount": discount_of(header),
         "version": header_version(header),
     }

@@ -15,8 +15,15 @@ belongs to the evening before. The first check of a day starts after the highest
 order of that day already has (an edge rebuilt from the cloud never reuses one).
 
 Closing. Payments do not exist yet: an order closes from ``paid``, or straight from open or
-fired when nothing is left to pay (every line voided, or no lines at all). Any other close
-is ``409 invalid_transition`` saying what is still due.
+fired when nothing is left to pay (every line voided, no lines at all, or a discount that
+takes the whole subtotal). Any other close is ``409 invalid_transition`` saying what is
+still due.
+
+Discounts. A check carries at most one discount (``set_discount``): a whole percentage of the
+subtotal, or a fixed amount off it, with a reason, who gave it and who approved it (the
+manager whose PIN lent ``order.discount``, or the giver who holds it). A percentage follows
+the check as lines come and go; an amount never takes more than the subtotal. Setting one
+replaces the one before; ``remove_discount`` takes it off. Only while the order is editable.
 
 Voiding. A whole check is voided from open or fired (``order_lines.void_order``): each line
 still live is voided, then the order moves to ``voided`` with ``closed_at_ms``. Voided is
@@ -30,16 +37,16 @@ the current order in ``details.current``. Without ``If-Match`` the last write wi
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta, tzinfo
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
 
 from shared.orders import EDITABLE, OrderStatus, can_move
 from sync_protocol.changes import Op, Value
 
 from .errors import ApiCode, ApiError, not_found
-from .fields import Covers, Id, Name, Text
+from .fields import Covers, Id, Name, Reason, Text
 from .order_views import (
     LINE_MONEY_SQL,
     ORDER_SQL,
@@ -64,6 +71,19 @@ class NewOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     covers: Covers
     notes: Text | None = None
     server_id: Id | None = None
+
+
+class NewDiscount(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A discount on the whole check: ``percent`` of the subtotal or ``amount_pence`` off it
+    (exactly one), and why."""
+
+    reason: Reason
+    percent: Annotated[int, Meta(ge=1, le=100)] | None = None
+    amount_pence: Annotated[int, Meta(ge=1, le=100_000_000)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.percent is None) == (self.amount_pence is None):
+            raise ValueError("give exactly one of percent and amount_pence")
 
 
 class HeaderChanges(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -207,25 +227,61 @@ def close_order(tx: Tx, order_id: str) -> OrderView:
     """Close a paid order, or one with nothing left to pay."""
     order = load(tx, order_id)
     if status_of(order) in EDITABLE:
-        count, due = tx.one(
-            "SELECT count(*), coalesce(sum(quantity * unit_price_pence), 0) FROM order_lines"
-            " WHERE order_id = ? AND NOT coalesce(voided, 0)",
-            (order_id,),
-        )
-        if count:
+        totals = summary(tx, order_id).totals
+        if totals.total_pence > 0:
             between: dict[str, object] = {
                 "from": str(status_of(order)),
                 "to": OrderStatus.CLOSED.value,
             }
             raise ApiError(
                 ApiCode.INVALID_TRANSITION,
-                f"cannot close: {count} line(s) for {due} pence need payment (or a void)",
+                f"cannot close: {totals.line_count} line(s) for {totals.total_pence} pence"
+                " need payment (or a void)",
                 order_id=order_id,
-                due_pence=int(due),
+                due_pence=totals.total_pence,
                 **between,
             )
     move(tx, order, OrderStatus.CLOSED, closed_at_ms=tx.now_ms)
     return view(tx, order_id)
+
+
+def set_discount(
+    tx: Tx, order_id: str, discount: NewDiscount, given_by: str, approved_by: str
+) -> OrderView:
+    """Give the check ``discount`` (replacing any before it)."""
+    require_editable(load(tx, order_id), "discount the order")
+    tx.write(
+        "orders",
+        order_id,
+        Op.UPDATE,
+        {
+            "discount_percent": discount.percent,
+            "discount_pence": discount.amount_pence,
+            "discount_reason": discount.reason,
+            "discounted_by": given_by,
+            "discount_approved_by": approved_by,
+        },
+    )
+    return view(tx, order_id)
+
+
+def remove_discount(tx: Tx, order_id: str) -> OrderView:
+    """Take the check's discount off (an order without one is left as it is)."""
+    order = load(tx, order_id)
+    require_editable(order, "change the discount")
+    if order.get("discount_percent") is not None or order.get("discount_pence") is not None:
+        tx.write("orders", order_id, Op.UPDATE, dict.fromkeys(_DISCOUNT_COLUMNS))
+    return view(tx, order_id)
+
+
+#: the columns a discount is written in, always together
+_DISCOUNT_COLUMNS = (
+    "discount_percent",
+    "discount_pence",
+    "discount_reason",
+    "discounted_by",
+    "discount_approved_by",
+)
 
 
 def _change_header(

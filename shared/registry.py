@@ -100,6 +100,14 @@ ORDERS = TableSpec(
         Column("closed_at_ms", INT),
         Column("notes", TEXT),
         Column("status", TEXT, Merge.FORWARD, ranks=ORDER_STATUS_RANKS, default="open"),
+        # The check's discount: a percentage or an amount (one of them), written together
+        # with its reason and who gave and approved it, so concurrent discounts resolve to
+        # one writer's whole discount.
+        Column("discount_percent", INT, doc="1-100 of the subtotal; null: see discount_pence"),
+        Column("discount_pence", INT, doc="a fixed amount off, at most the subtotal"),
+        Column("discount_reason", TEXT),
+        Column("discounted_by", TEXT, doc="employee who gave the discount"),
+        Column("discount_approved_by", TEXT, doc="manager who approved it, or the giver"),
     ),
     author=Author.BOTH,
     strategy=Strategy.SMART_MERGE,

@@ -105,8 +105,8 @@ def test_the_whole_flow_from_open_to_close(tmp_path: Path) -> None:
         assert [m["name"] for m in steak_line["modifiers"]] == ["Rare", "Peppercorn"]
         got, ipa = await add_line(edge, till, oid, item_id="ipa")
         assert got == 201 and ipa["order"]["totals"] == {
-            "subtotal_pence": 900 + 2450 + 550, "total_pence": 3900, "voided_pence": 0,
-            "line_count": 3, "item_count": 4,
+            "subtotal_pence": 900 + 2450 + 550, "discount_pence": 0, "total_pence": 3900,
+            "voided_pence": 0, "line_count": 3, "item_count": 4,
         }  # fmt: skip
         # Course 1 goes out: one ticket per station, the steak (course 2) waits.
         got, fired, _ = await edge.call("POST", f"{ORDERS}/{oid}/fire", till.headers("sam"),
@@ -592,6 +592,175 @@ def test_voids_before_and_after_fire_with_and_without_approval(tmp_path: Path) -
     run(body, tmp_path)
 
 
+# -- discounts -------------------------------------------------------------------------------
+
+
+def discount_path(order_id: str) -> str:
+    return f"{ORDERS}/{order_id}/discount"
+
+
+def test_a_discount_comes_off_the_total_follows_the_check_and_comes_off_again(
+    tmp_path: Path,
+) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup", quantity=2)
+        await add_line(edge, till, oid, item_id="ipa")  # subtotal 900 + 550
+        mia = till.headers("mia")
+        got, order, _ = await edge.call(
+            "PUT", discount_path(oid), mia, json={"percent": 5, "reason": "regulars"}
+        )
+        assert got == 200, order
+        assert order["discount"] == {
+            "percent": 5, "amount_pence": None, "reason": "regulars", "by": "mia",
+            "approved_by": "mia",
+        }  # fmt: skip
+        totals = order["totals"]  # 5% of 1450 is 72.5: half up to 73 (not to the even 72)
+        assert (totals["subtotal_pence"], totals["discount_pence"], totals["total_pence"]) == (
+            1450, 73, 1377
+        )  # fmt: skip
+        # A percentage follows the check: the next line's answer and every read agree.
+        got, added = await add_line(edge, till, oid, item_id="soup")
+        assert got == 201
+        assert (added["order"]["totals"]["discount_pence"], added["order"]["totals"]["total_pence"]
+                ) == (95, 1900 - 95)  # fmt: skip
+        got, whole, _ = await edge.call("GET", f"{ORDERS}/{oid}", mia)
+        assert added["order"] == {k: v for k, v in whole.items() if k != "lines"}
+        got, listed, _ = await edge.call("GET", ORDERS, mia)
+        assert listed["orders"][0] == added["order"]
+        # An amount replaces it, and never takes more than the subtotal.
+        got, order, _ = await edge.call(
+            "PUT", discount_path(oid), mia, json={"amount_pence": 500, "reason": "late food"}
+        )
+        assert got == 200 and order["discount"]["percent"] is None
+        assert (order["totals"]["discount_pence"], order["totals"]["total_pence"]) == (500, 1400)
+        got, order, _ = await edge.call(
+            "PUT", discount_path(oid), mia, json={"amount_pence": 99_999, "reason": "on us"}
+        )
+        assert (order["totals"]["discount_pence"], order["totals"]["total_pence"]) == (1900, 0)
+        # Taken off: the full price again (and taking off nothing changes nothing).
+        got, order, _ = await edge.call("DELETE", discount_path(oid), mia)
+        assert got == 200 and order["discount"] is None
+        assert (order["totals"]["discount_pence"], order["totals"]["total_pence"]) == (0, 1900)
+        head = outbox_head(edge)
+        got, again, _ = await edge.call("DELETE", discount_path(oid), mia)
+        assert (got, again) == (200, order) and new_changes(edge, head) == []
+        # Each change synced (the order's row) and was audited with its before and after.
+        stored = edge.sql("SELECT discount_percent, discount_pence FROM orders")
+        assert stored == [(None, None)]
+        logged = edge.sql(
+            "SELECT action, detail FROM audit_log WHERE action LIKE '%discount' ORDER BY position"
+        )
+        assert [a for a, _ in logged] == [
+            "set_discount", "set_discount", "set_discount", "remove_discount", "remove_discount"
+        ]  # fmt: skip
+        (change,) = json.loads(logged[0][1])["changes"]
+        assert change["table"] == "orders" and change["after"]["discount_percent"] == 5
+        assert change["before"]["discount_percent"] is None
+
+    run(body, tmp_path)
+
+
+def test_a_full_discount_lets_the_check_close_with_nothing_to_pay(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup")
+        got, refused, _ = await edge.call("POST", f"{ORDERS}/{oid}/close", till.headers("sam"))
+        assert (got, refused["error"]["details"]["due_pence"]) == (409, 450)
+        got, _, _ = await edge.call(
+            "PUT", discount_path(oid), till.headers("mia"), json={"percent": 50, "reason": "x"}
+        )
+        got, refused, _ = await edge.call("POST", f"{ORDERS}/{oid}/close", till.headers("sam"))
+        assert (got, refused["error"]["details"]["due_pence"]) == (409, 225)
+        got, _, _ = await edge.call(
+            "PUT", discount_path(oid), till.headers("mia"), json={"percent": 100, "reason": "comp"}
+        )
+        got, closed, _ = await edge.call("POST", f"{ORDERS}/{oid}/close", till.headers("sam"))
+        assert got == 200 and closed["status"] == "closed", closed
+        assert closed["totals"]["total_pence"] == 0 and closed["totals"]["discount_pence"] == 450
+        # Closed: the discount can no longer change.
+        got, refused, _ = await edge.call("DELETE", discount_path(oid), till.headers("mia"))
+        assert (got, code(refused)) == (409, "invalid_transition")
+
+    run(body, tmp_path)
+
+
+def test_a_server_discounts_only_with_a_managers_approval_spent_once(tmp_path: Path) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup")
+        offer = {"percent": 10, "reason": "birthday"}
+        before = state(edge)
+        got, refused, _ = await edge.call("PUT", discount_path(oid), till.headers("sam"),
+                                          json=offer)  # fmt: skip
+        assert (got, code(refused)) == (403, "manager_approval_required")
+        assert refused["error"]["details"] == {"permission": "order.discount"}
+        assert state(edge) == before
+        _, approval, _ = await edge.store.transaction(
+            lambda tx: grant_approval(tx, "mia", till.device_id)
+        )
+        approved = till.headers(
+            "sam", **{"X-Fynlo-Approval": approval, "Idempotency-Key": "discount-birthday-1"}
+        )
+        got, order, _ = await edge.call("PUT", discount_path(oid), approved, json=offer)
+        assert got == 200, order
+        assert (order["discount"]["by"], order["discount"]["approved_by"]) == ("sam", "mia")
+        assert order["totals"]["discount_pence"] == 45
+        # A retry gets the first answer; the approval was spent once, and only once.
+        got, retried, resp = await edge.call("PUT", discount_path(oid), approved, json=offer)
+        assert (got, retried) == (200, order) and resp.headers["Idempotent-Replayed"] == "true"
+        assert edge.sql("SELECT count(*) FROM approvals WHERE used_at_ms IS NOT NULL") == [(1,)]
+        (entry,) = edge.sql("SELECT detail FROM audit_log WHERE action = 'set_discount'")
+        assert json.loads(entry[0])["approved_by"] == "mia"
+        before = state(edge)
+        got, refused, _ = await edge.call(
+            "DELETE", discount_path(oid), till.headers("sam", **{"X-Fynlo-Approval": approval})
+        )
+        assert (got, code(refused)) == (403, "approval_invalid")
+        got, refused, _ = await edge.call("DELETE", discount_path(oid), till.headers("kai"))
+        assert (got, code(refused)) == (403, "manager_approval_required")
+        assert state(edge) == before
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"percent": 10, "amount_pence": 100, "reason": "both"},
+        {"reason": "neither"},
+        {"percent": 0, "reason": "none"},
+        {"percent": 101, "reason": "more than all"},
+        {"percent": 12.5, "reason": "not whole"},
+        {"amount_pence": -100, "reason": "a surcharge"},
+        {"amount_pence": 100, "reason": "   "},
+        {"amount_pence": 100},
+        {"amount_pence": "100", "reason": "text"},
+        {"percent": 10, "reason": "x", "line_id": "ln_1"},
+    ],
+)
+def test_a_bad_discount_is_refused_and_changes_nothing(tmp_path: Path, payload: Any) -> None:
+    async def body(edge: Edge) -> None:
+        till = await till_for(edge)
+        oid = (await open_order(edge, till))["id"]
+        await add_line(edge, till, oid, item_id="soup")
+        before = state(edge)
+        got, answer, _ = await edge.call(
+            "PUT", discount_path(oid), till.headers("mia"), json=payload
+        )
+        assert (got, code(answer)) == (422, "invalid_request"), answer
+        got, answer, _ = await edge.call(
+            "PUT", discount_path("ord_no"), till.headers("mia"), json={"percent": 5, "reason": "x"}
+        )
+        assert (got, code(answer)) == (404, "not_found")
+        assert state(edge) == before
+
+    run(body, tmp_path)
+
+
 # -- voiding the whole order -----------------------------------------------------------------
 
 
@@ -636,8 +805,8 @@ def test_voiding_an_open_order_voids_each_live_line_and_ends_the_order(tmp_path:
         assert voided["status"] == "voided" and voided["closed_at_ms"] is not None
         assert voided["closed_at_ms"] >= order["opened_at_ms"]
         assert voided["totals"] == {
-            "subtotal_pence": 0, "total_pence": 0, "voided_pence": 900 + 2200 + 550,
-            "line_count": 0, "item_count": 0,
+            "subtotal_pence": 0, "discount_pence": 0, "total_pence": 0,
+            "voided_pence": 900 + 2200 + 550, "line_count": 0, "item_count": 0,
         }  # fmt: skip
         voids = {x["id"]: (x["voided"], x["void_reason"], x["voided_by"], x["void_approved_by"])
                  for x in voided["lines"]}  # fmt: skip

@@ -1,4 +1,5 @@
-"""Orders for the tablets: open, read, add and void lines, fire, edit, transfer, move, close, void.
+"""Orders for the tablets: open, read, add and void lines, fire, edit, discount, transfer,
+move, close, void.
 
 Each route checks who may call it, decodes its body, and runs one domain function of
 ``edge.orders`` / ``edge.order_lines`` / ``edge.firing`` in ``ctx.mutate`` (one transaction:
@@ -9,7 +10,8 @@ stays the same however long the check); header edits send that version back as `
 (see ``edge.orders``). Voiding a line that was fired
 needs ``order.void_sent`` on top of ``order.void_line``: a server gets it for one void with
 a manager's ``X-Fynlo-Approval``. Voiding the whole order is the same rule over its lines: a
-manager's approval is needed (and spent) only when a line still live was fired.
+manager's approval is needed (and spent) only when a line still live was fired. A discount
+(set or taken off) needs ``order.discount``, which a server borrows the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ..order_views import (
     order_from_row,
     summary_from_row,
 )
-from ..orders import HeaderChanges, NewOrder, Transfer
+from ..orders import HeaderChanges, NewDiscount, NewOrder, Transfer
 from .auth import new_id
 from .errors import ApiCode
 from .routing import ApiRoutes, Ctx
@@ -53,6 +55,8 @@ routes = ApiRoutes("orders")
 
 _FOUND = (ApiCode.NOT_FOUND,)
 _CHANGE = (ApiCode.NOT_FOUND, ApiCode.INVALID_TRANSITION)
+#: a change that may need (and spend) a manager's approval
+_APPROVED = (*_CHANGE, ApiCode.APPROVAL_REQUIRED, ApiCode.APPROVAL_INVALID)
 
 
 _STATUS = "|".join(s.value for s in OrderStatus)
@@ -185,7 +189,7 @@ async def add_lines(ctx: Ctx, body: NewLines) -> LinesAdded:
     body=VoidLine,
     response=OrderView,
     permission=Permission.ORDER_VOID_LINE,
-    errors=(*_CHANGE, ApiCode.CONFLICT, ApiCode.APPROVAL_REQUIRED, ApiCode.APPROVAL_INVALID),
+    errors=(*_APPROVED, ApiCode.CONFLICT),
 )
 async def void_line(ctx: Ctx, body: VoidLine) -> OrderView:
     """Void one line of an order."""
@@ -250,9 +254,41 @@ async def transfer_order(ctx: Ctx, body: Transfer) -> OrderView:
 
 
 @routes.route(
+    "PUT",
+    "/v1/orders/{order_id}/discount",
+    summary="Give the check a discount (a percentage or an amount off, with a reason); "
+    "order.discount or a manager's approval",
+    body=NewDiscount,
+    response=OrderView,
+    permission=Permission.ORDER_DISCOUNT,
+    errors=_APPROVED,
+)
+async def set_discount(ctx: Ctx, body: NewDiscount) -> OrderView:
+    """Set (or replace) the order's discount."""
+    order_id, who = ctx.params["order_id"], _employee(ctx)
+    return await ctx.mutate(
+        lambda tx: orders.set_discount(tx, order_id, body, who, ctx.approved_by or who)
+    )
+
+
+@routes.route(
+    "DELETE",
+    "/v1/orders/{order_id}/discount",
+    summary="Take the check's discount off; order.discount or a manager's approval",
+    response=OrderView,
+    permission=Permission.ORDER_DISCOUNT,
+    errors=_APPROVED,
+)
+async def remove_discount(ctx: Ctx) -> OrderView:
+    """Remove the order's discount."""
+    order_id = ctx.params["order_id"]
+    return await ctx.mutate(lambda tx: orders.remove_discount(tx, order_id))
+
+
+@routes.route(
     "POST",
     "/v1/orders/{order_id}/close",
-    summary="Close the order: once paid, or when every line is voided",
+    summary="Close the order: once paid, or when nothing is left to pay",
     response=OrderView,
     permission=Permission.ORDER_CLOSE,
     errors=_CHANGE,
@@ -271,7 +307,7 @@ async def close_order(ctx: Ctx) -> OrderView:
     body=VoidOrder,
     response=OrderView,
     permission=Permission.ORDER_VOID_LINE,
-    errors=(*_CHANGE, ApiCode.APPROVAL_REQUIRED, ApiCode.APPROVAL_INVALID),
+    errors=_APPROVED,
 )
 async def void_order(ctx: Ctx, body: VoidOrder) -> OrderView:
     """Void an open or fired order with every line still on it."""
