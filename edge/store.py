@@ -737,8 +737,8 @@ def _daemon_thread(reader: aiosqlite.Connection) -> None:
     its supervisor would never restart it. The thread only reads; nothing is lost by not
     waiting for it. (The writer's executor thread is stopped at exit by ``concurrent.futures``.)
     """
-    thread = getattr(reader, "_thread", None)
-    if isinstance(thread, threading.Thread) and thread.ident is None:
+    thread = reader if isinstance(reader, threading.Thread) else getattr(reader, "_thread", None)
+    if isinstance(thread, threading.Thread) and thread.ident is None:  # not started yet
         thread.daemon = True
 
 
