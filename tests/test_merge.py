@@ -282,6 +282,59 @@ def test_smart_merge_is_deterministic_and_order_independent(changes: list[Change
     assert len(results) == 1, results
 
 
+DISCOUNT_COLUMNS = (
+    "discount_percent", "discount_pence", "discount_reason", "discounted_by",
+    "discount_approved_by",
+)  # fmt: skip
+
+
+@st.composite
+def whole_discounts(draw: st.DrawFn) -> dict[str, Any]:
+    """What the edge writes for a discount: every discount column at once (None: taken off)."""
+    if draw(st.booleans()) and draw(st.booleans()):
+        return dict.fromkeys(DISCOUNT_COLUMNS)
+    percent = draw(st.one_of(st.none(), st.integers(1, 100)))
+    amount = draw(st.integers(1, 5000)) if percent is None else None
+    return dict(
+        zip(
+            DISCOUNT_COLUMNS,
+            (
+                percent,
+                amount,
+                draw(st.sampled_from(["vip", "late food", "staff"])),
+                draw(st.sampled_from(["sam", "mia"])),
+                draw(st.sampled_from(["mia", "ola"])),
+            ),
+            strict=True,
+        )
+    )
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(whole_discounts(), min_size=2, max_size=4),
+    st.lists(st.integers(1, 5), min_size=4, max_size=4),
+)
+def test_concurrent_discounts_resolve_to_one_writers_whole_discount(
+    discounts: list[dict[str, Any]], hlcs: list[int]
+) -> None:
+    # Several nodes give the same check a discount at once: whatever the arrival order, the
+    # check ends with exactly one of them, never one's percentage with another's amount.
+    spec = ORDERS.with_strategy(Strategy.SMART_MERGE)
+    changes = [
+        Change(f"edge-{i}", 1, "orders", "o1", Op.UPDATE, fields, 10, hlcs[i])
+        for i, fields in enumerate(discounts)
+    ]
+    results = set()
+    for perm in itertools.permutations(changes):
+        state = order_row(rev=10)
+        for rev, change in enumerate(perm, 11):
+            state = apply_change(spec, state, change, rev).state
+        results.add(tuple(state.values[c] for c in DISCOUNT_COLUMNS))
+    (final,) = results
+    assert final in {tuple(d[c] for c in DISCOUNT_COLUMNS) for d in discounts}
+
+
 # -- the bulk validation of a batch agrees with the change-by-change one -------------------------
 
 PRICE_LISTS = TableSpec("price_lists", (Column("name", ColumnType.TEXT),), author=Author.CLOUD)
