@@ -13,8 +13,8 @@ request), so its group's functions run right on the event loop, and only the ``C
 its fsync go to the writer's own thread (a one-worker executor, as datasette's write thread
 is): run on that thread instead, every statement's release and retake of the GIL queued
 behind the loop's HTTP work, which halved the writer's pace under load. A group with a heavy
-job (a pulled page, a prune), or one that finds the database locked by another process (its
-``BEGIN`` never waits on the loop), runs wholly on the writer thread.
+job (a backlog's pulled page, a prune, an import), or one that finds the database locked by
+another process (its ``BEGIN`` never waits on the loop), runs wholly on the writer thread.
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
 cancelled caller cannot cut a transaction short (it runs to its end where it started),
@@ -669,7 +669,13 @@ class EdgeStore:
             _reflect(conn, st)
             return _TxDone(len(latest), events, False)
 
-        return await self._transact(body, heavy=True)  # type: ignore[arg-type]
+        # A page that only confirms this node's last few writes (what a live edge mostly
+        # pulls: the feed skips its own rows) is bookkeeping as quick as a tablet's write, and
+        # runs with them; a page with rows to write, or a backlog's thousands of changes to
+        # revise and prune, runs on the writer thread.
+        covered = sum(last - first + 1 for first, last, _ in page.segments)
+        heavy = bool(latest) or covered > _HEAVY_WRITES
+        return await self._transact(body, heavy=heavy)  # type: ignore[arg-type]
 
     def _logged(
         self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State
@@ -743,7 +749,7 @@ def _daemon_thread(reader: aiosqlite.Connection) -> None:
 
 
 _GROUP_MAX = 256  # transactions committed together at most
-_HEAVY_WRITES = 100  # write_many with more rows than this runs on the writer thread
+_HEAVY_WRITES = 100  # write_many with more rows (or a page confirming more) runs on the thread
 _BUSY_WAIT_MS = 5000  # how long a write waits for a lock another process holds
 
 

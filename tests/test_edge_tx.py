@@ -152,6 +152,34 @@ def test_a_small_transaction_runs_on_the_loop_and_a_heavy_one_on_the_writer_thre
             )
             assert inserts == {writer_thread}
             assert len(await store.rows("orders")) == 2 + 5 + 101
+            # a pulled page that only confirms this node's write runs on the loop; one with
+            # rows to write (however few: their triggers, their size) on the writer thread
+            writes: set[int] = set()
+            store._writer.set_trace_callback(
+                lambda sql: (
+                    writes.add(threading.get_ident())
+                    if "menu_items" in sql or "UPDATE outbox" in sql
+                    else None
+                )
+            )
+
+            def page(first: int, rows: int) -> PullPage:
+                states = [
+                    RowState(f"m{first + i}", {"name": "Soup", "price_pence": 450},
+                             Version(first + i, pack(T0), "cloud"), {}, False)
+                    for i in range(rows)
+                ]  # fmt: skip
+                entries = [FeedEntry(s.version.rev, "menu_items", s) for s in states]
+                segments = ((1, 1, first + rows),)  # this node's o1, confirmed
+                return PullPage(first - 1, first + rows, first + rows, False, 0, T0, pack(T0),
+                                entries, segments)  # fmt: skip
+
+            await store.apply_page(page(1, 0))
+            assert writes == {loop_thread}
+            writes.clear()
+            await store.apply_page(page(2, 1))
+            assert writes == {writer_thread}
+            assert len(await store.rows("menu_items")) == 1
 
     run(body)
 
