@@ -245,23 +245,24 @@ def close_order(tx: Tx, order_id: str) -> OrderView:
     return view(tx, order_id)
 
 
+#: the columns a discount is written in, always all of them together (so that concurrent
+#: discounts merge to one writer's whole discount)
+_DISCOUNT_COLUMNS = (
+    "discount_percent",
+    "discount_pence",
+    "discount_reason",
+    "discounted_by",
+    "discount_approved_by",
+)
+
+
 def set_discount(
     tx: Tx, order_id: str, discount: NewDiscount, given_by: str, approved_by: str
 ) -> OrderView:
     """Give the check ``discount`` (replacing any before it)."""
     require_editable(load(tx, order_id), "discount the order")
-    tx.write(
-        "orders",
-        order_id,
-        Op.UPDATE,
-        {
-            "discount_percent": discount.percent,
-            "discount_pence": discount.amount_pence,
-            "discount_reason": discount.reason,
-            "discounted_by": given_by,
-            "discount_approved_by": approved_by,
-        },
-    )
+    given = (discount.percent, discount.amount_pence, discount.reason, given_by, approved_by)
+    tx.write("orders", order_id, Op.UPDATE, dict(zip(_DISCOUNT_COLUMNS, given, strict=True)))
     return view(tx, order_id)
 
 
@@ -272,16 +273,6 @@ def remove_discount(tx: Tx, order_id: str) -> OrderView:
     if order.get("discount_percent") is not None or order.get("discount_pence") is not None:
         tx.write("orders", order_id, Op.UPDATE, dict.fromkeys(_DISCOUNT_COLUMNS))
     return view(tx, order_id)
-
-
-#: the columns a discount is written in, always together
-_DISCOUNT_COLUMNS = (
-    "discount_percent",
-    "discount_pence",
-    "discount_reason",
-    "discounted_by",
-    "discount_approved_by",
-)
 
 
 def _change_header(
