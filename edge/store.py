@@ -15,6 +15,17 @@ is): run on that thread instead, every statement's release and retake of the GIL
 behind the loop's HTTP work, which halved the writer's pace under load. A group with a heavy
 job (a backlog's pulled page, a prune, an import), or one that finds the database locked by
 another process (its ``BEGIN`` never waits on the loop), runs wholly on the writer thread.
+How durable a commit is. A tablet's write, and everything the uplink must not forget (that
+changes are about to be sent), commits at the store's ``synchronous`` level (FULL: fsynced
+before the caller is answered). The uplink's other bookkeeping (recording the cloud's ack,
+applying a pulled page) is something the edge can redo from the cloud, so a group made only
+of such transactions commits at NORMAL: written to the WAL without an fsync, durable across a
+crash of the process but not of the machine, until the next FULL commit, whose fsync covers
+every frame before it. A power cut can therefore only lose a suffix of such bookkeeping
+(SQLite's WAL keeps its prefix consistent): the edge then re-pushes changes the cloud
+acknowledged, which it skips as duplicates, and re-pulls the page. That takes two of the
+three fsyncs a live write costs off the writer, where a tablet's next write would wait
+for them.
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
 cancelled caller cannot cut a transaction short (it runs to its end where it started),
@@ -89,6 +100,9 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Write = tuple[str, str, Op | int, Values]
 
 _CHUNK = 400  # (tbl, pk) pairs per IN (VALUES …) lookup
+#: the level of a commit the edge can redo from the cloud (levels below it stay as they are):
+#: NORMAL in WAL mode keeps the file consistent and syncs at checkpoints, not per commit
+_LAZY_LEVEL: dict[str, Synchronous] = {"FULL": "NORMAL", "EXTRA": "NORMAL"}
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +161,7 @@ class EdgeStore:
         reader: aiosqlite.Connection,
         state: State,
         clock: HybridClock,
+        synchronous: Synchronous = "FULL",
     ) -> None:
         self.path = path
         self.registry = registry
@@ -163,6 +178,9 @@ class EdgeStore:
         self._executor = executor
         self._reader = reader
         self._state = state
+        #: the level durable commits use, and the one the writer connection is at now
+        self._synchronous = synchronous
+        self._synchronous_now = synchronous
         self._tables = {spec.name: TableIO(spec) for spec in registry}
         self._live: frozenset[str] = frozenset()
         self._subscribers: list[Callable[[list[Event]], None]] = []
@@ -239,7 +257,9 @@ class EdgeStore:
             raise
         clock = HybridClock(now_ms)
         clock.last = max(clock.last, max_hlc)
-        store = cls(path, registry, site_id, node_id, writer, executor, reader, state, clock)
+        store = cls(
+            path, registry, site_id, node_id, writer, executor, reader, state, clock, synchronous
+        )
         store._live = frozenset(live_tables) & set(store._tables)
         return store
 
@@ -267,6 +287,7 @@ class EdgeStore:
         body: Callable[[sqlite3.Connection, State], T],
         local: bool = False,
         heavy: bool = False,
+        durable: bool = True,
     ) -> T:
         """Run ``body`` in a write transaction a cancelled caller cannot cut.
 
@@ -274,11 +295,13 @@ class EdgeStore:
         runs in its own savepoint, so one that fails is undone alone and gets its error,
         and all of them share one ``COMMIT`` (one fsync). Every caller is answered only
         after that commit. ``heavy``: the body may run long, so its group runs on the writer
-        thread, leaving the event loop free meanwhile.
+        thread, leaving the event loop free meanwhile. ``durable=False``: bookkeeping the edge
+        can redo from the cloud; a group made only of such transactions commits without an
+        fsync (see the module's docstring).
         """
         if self._closed:
             raise EdgeError(EdgeErrorCode.STORE_CLOSED, "the edge store is closed")
-        job: _Job[T] = _Job(body, asyncio.get_running_loop().create_future(), local, heavy)
+        job: _Job[T] = _Job(body, asyncio.get_running_loop().create_future(), local, heavy, durable)
         self._pending.append(job)
         if self._drainer is None:
             self._drainer = asyncio.ensure_future(self._drain())
@@ -292,10 +315,11 @@ class EdgeStore:
                 jobs = self._pending[:_GROUP_MAX]
                 del self._pending[:_GROUP_MAX]
                 bodies = [job.body for job in jobs]
+                durable = any(job.durable for job in jobs)
                 try:
-                    if any(job.heavy for job in jobs) or not self._try_begin():
+                    if any(job.heavy for job in jobs) or not self._try_begin(durable):
                         outcomes = await loop.run_in_executor(
-                            self._executor, self._run_group, bodies
+                            self._executor, self._run_group, bodies, durable
                         )
                     else:  # begun on the loop: run the group here, commit on the thread
                         outcomes, state = self._run_bodies(bodies)
@@ -322,12 +346,13 @@ class EdgeStore:
         finally:
             self._drainer = None
 
-    def _try_begin(self) -> bool:
+    def _try_begin(self, durable: bool) -> bool:
         """On the event loop: ``BEGIN IMMEDIATE`` unless another connection holds the write
         lock (then False, at once: the group waits for it on the writer thread)."""
         conn = self._writer
         if conn.in_transaction:  # never expected; refuse to build on a stray transaction
             conn.execute("ROLLBACK")
+        self._set_synchronous(durable)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -336,12 +361,15 @@ class EdgeStore:
             raise
         return True
 
-    def _run_group(self, bodies: list[Callable[[sqlite3.Connection, State], Any]]) -> list[Any]:
+    def _run_group(
+        self, bodies: list[Callable[[sqlite3.Connection, State], Any]], durable: bool
+    ) -> list[Any]:
         """On the writer thread: begin (waiting for a lock another process holds, as long as
         ``_BUSY_WAIT_MS``), run each body in its own savepoint, then commit them all."""
         conn = self._writer
         if conn.in_transaction:  # never expected; refuse to build on a stray transaction
             conn.execute("ROLLBACK")
+        self._set_synchronous(durable)
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT_MS}")
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -350,6 +378,14 @@ class EdgeStore:
         outcomes, state = self._run_bodies(bodies)
         self._commit(state)
         return outcomes
+
+    def _set_synchronous(self, durable: bool) -> None:
+        """Before ``BEGIN`` (SQLite refuses the change inside a transaction): the level the
+        group commits at, the store's own if ``durable``, else at most NORMAL."""
+        level = self._synchronous if durable else _LAZY_LEVEL.get(self._synchronous)
+        if level is not None and level != self._synchronous_now:
+            self._writer.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous_now = level
 
     def _run_bodies(
         self, bodies: list[Callable[[sqlite3.Connection, State], Any]]
@@ -585,7 +621,9 @@ class EdgeStore:
             _record_revs(conn, ack.segments, ack.acked_through)
             _reflect(conn, st)
 
-        await self._transact(body)
+        # Not fsynced on its own: lost to a power cut, the ack is asked for again (the cloud
+        # skips the changes it holds); ``mark_sent``, which must survive one, is durable.
+        await self._transact(body, durable=False)
 
     async def record_watermark(self, acked_through: int) -> None:
         """The cloud already holds changes up to ``acked_through`` (learnt without a head)."""
@@ -675,7 +713,8 @@ class EdgeStore:
         # revise and prune, runs on the writer thread.
         covered = sum(last - first + 1 for first, last, _ in page.segments)
         heavy = bool(latest) or covered > _HEAVY_WRITES
-        return await self._transact(body, heavy=heavy)  # type: ignore[arg-type]
+        # Not fsynced on its own: lost to a power cut, the page is pulled again.
+        return await self._transact(body, heavy=heavy, durable=False)  # type: ignore[arg-type]
 
     def _logged(
         self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State
@@ -761,6 +800,7 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
     local: bool  # a local write: the uplink is told after it commits
     heavy: bool  # may run long: its group runs on the writer thread
+    durable: bool  # False: bookkeeping the edge can redo, committed without an fsync
 
 
 @dataclass(frozen=True, slots=True)

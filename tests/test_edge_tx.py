@@ -18,7 +18,7 @@ from shared.registry import default_registry
 from sync_protocol.changes import FeedEntry, Op, RowState, Version
 from sync_protocol.errors import ErrorCode, SyncError
 from sync_protocol.hlc import pack
-from sync_protocol.wire import PullPage
+from sync_protocol.wire import PullPage, PushAck
 
 T = TypeVar("T")
 T0 = 1_700_000_000_000
@@ -180,6 +180,84 @@ def test_a_small_transaction_runs_on_the_loop_and_a_heavy_one_on_the_writer_thre
             await store.apply_page(page(2, 1))
             assert writes == {writer_thread}
             assert len(await store.rows("menu_items")) == 1
+
+    run(body)
+
+
+class CommitLevels:
+    """The ``synchronous`` level of each ``COMMIT`` on a connection, replayed from its trace."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.commits: list[str] = []
+
+    def __call__(self, sql: str) -> None:
+        if sql.startswith("PRAGMA synchronous = "):
+            self.level = sql.rsplit(" ", 1)[1]
+        elif sql == "COMMIT":
+            self.commits.append(self.level)
+
+    def take(self) -> list[str]:
+        seen, self.commits = self.commits, []
+        return seen
+
+
+def test_writes_are_fsynced_and_only_bookkeeping_the_cloud_can_redo_is_not(
+    tmp_path: Path,
+) -> None:
+    """A tablet's write and "about to send" commit at FULL; an ack and a pulled page alone
+    commit at NORMAL (a power cut may lose them, and they are redone from the cloud); queued
+    with a write, they share its fsynced commit."""
+
+    def ack(through: int) -> PushAck:
+        return PushAck(
+            through, through, {"applied": 1}, T0, pack(T0), ((through, through, through),)
+        )
+
+    def page(cursor: int, seq: int) -> PullPage:
+        return PullPage(cursor, cursor + 1, cursor + 1, False, 0, T0, pack(T0), [],
+                        ((seq, seq, cursor + 1),))  # fmt: skip
+
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            levels = CommitLevels("FULL")
+            store._writer.set_trace_callback(levels)
+            await store.write("orders", "o1", Op.INSERT, {"table_name": "T1"})
+            await store.mark_sent(1)
+            assert levels.take() == ["FULL", "FULL"]
+            await store.record_ack(ack(1))
+            await store.apply_page(page(0, 1))
+            assert levels.take() == ["NORMAL", "NORMAL"]
+            assert store.cursors().acked_through == 1 and store.cursors().pull_cursor == 1
+            await store.write("orders", "o2", Op.INSERT, {"table_name": "T2"})
+            assert levels.take() == ["FULL"]
+            # queued together, an ack and a tablet's write share one commit, fsynced
+            await store.mark_sent(2)
+            levels.take()
+            await asyncio.gather(
+                store.record_ack(ack(2)),
+                store.write("orders", "o3", Op.INSERT, {"table_name": "T3"}),
+            )
+            assert levels.take() == ["FULL"]
+            assert store.cursors().acked_through == 2 and store.cursors().last_seq == 3
+        # what the bookkeeping wrote is on disk for the next process
+        async with await open_store(tmp_path) as store:
+            cursors = store.cursors()
+            assert (cursors.acked_through, cursors.pull_cursor, cursors.last_seq) == (2, 1, 3)
+        # a store opened below FULL never raises the level for bookkeeping
+        for level in ("NORMAL", "OFF"):
+            path = tmp_path / level
+            path.mkdir()
+            store = await EdgeStore.open(
+                path / "edge.sqlite", default_registry(), "site-1", "edge-1", synchronous=level
+            )
+            async with store:
+                levels = CommitLevels(level)
+                store._writer.set_trace_callback(levels)
+                await store.write("orders", "o1", Op.INSERT, {"table_name": "T1"})
+                await store.mark_sent(1)
+                await store.record_ack(ack(1))
+                assert levels.take() == [level] * 3
 
     run(body)
 
