@@ -167,12 +167,26 @@ def resolution_write(
         fields: dict[str, Value] = dict(conflict["local"])
     else:
         fields = resolve_values(spec, values)
-        stray = set(fields) - set(conflict["columns"])
+        parked = set(conflict["columns"])
+        stray = set(fields) - parked
         if stray:
             raise RemoteProtocolError(
                 ErrorCode.INVALID_RESOLUTION,
                 f"values name columns outside the conflict: {sorted(stray)}",
             )
+        for name in fields:  # a group's parked columns are decided as one
+            unnamed = sorted(parked.intersection(spec.group_of.get(name, ())) - set(fields))
+            if unnamed:
+                raise RemoteProtocolError(
+                    ErrorCode.INVALID_RESOLUTION,
+                    f"{name} is decided together with {', '.join(unnamed)}: name them too",
+                )
+    # The write sets whole groups: their columns outside the conflict were written alike on
+    # both sides (that is why they were not parked), so they keep the row's values.
+    row = current.values if current is not None else {}
+    for name in list(fields):
+        for member in spec.group_of.get(name, ()):
+            fields.setdefault(member, row.get(member))
     if current is None or current.deleted:
         # The row is gone at the cloud: the chosen values bring it back (an insert may set
         # columns that are otherwise immutable).

@@ -43,6 +43,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from shared.orders import EDITABLE, OrderStatus, can_move
+from shared.registry import DISCOUNT_COLUMNS
 from sync_protocol.changes import Op, Value
 
 from .errors import ApiCode, ApiError, not_found
@@ -245,24 +246,13 @@ def close_order(tx: Tx, order_id: str) -> OrderView:
     return view(tx, order_id)
 
 
-#: the columns a discount is written in, always all of them together (so that concurrent
-#: discounts merge to one writer's whole discount)
-_DISCOUNT_COLUMNS = (
-    "discount_percent",
-    "discount_pence",
-    "discount_reason",
-    "discounted_by",
-    "discount_approved_by",
-)
-
-
 def set_discount(
     tx: Tx, order_id: str, discount: NewDiscount, given_by: str, approved_by: str
 ) -> OrderView:
     """Give the check ``discount`` (replacing any before it)."""
     require_editable(load(tx, order_id), "discount the order")
     given = (discount.percent, discount.amount_pence, discount.reason, given_by, approved_by)
-    tx.write("orders", order_id, Op.UPDATE, dict(zip(_DISCOUNT_COLUMNS, given, strict=True)))
+    tx.write("orders", order_id, Op.UPDATE, dict(zip(DISCOUNT_COLUMNS, given, strict=True)))
     return view(tx, order_id)
 
 
@@ -271,7 +261,7 @@ def remove_discount(tx: Tx, order_id: str) -> OrderView:
     order = load(tx, order_id)
     require_editable(order, "change the discount")
     if order.get("discount_percent") is not None or order.get("discount_pence") is not None:
-        tx.write("orders", order_id, Op.UPDATE, dict.fromkeys(_DISCOUNT_COLUMNS))
+        tx.write("orders", order_id, Op.UPDATE, dict.fromkeys(DISCOUNT_COLUMNS))
     return view(tx, order_id)
 
 

@@ -9,6 +9,8 @@ Domain rules shipped here:
 - order lines are add-only: every column but the void columns is set once, a void is its own
   change, and ``voided`` is sticky, so two tablets adding lines never lose one;
 - an order's status only moves forward (``ORDER_STATUS_RANKS``);
+- a check's discount is its five columns together (``DISCOUNT_COLUMNS``): every write sets
+  all of them, so concurrent discounts merge to one writer's whole discount;
 - a kitchen ticket's ``voided`` is sticky; the items struck off it are rebuilt from the
   lines' own sticky voids whenever it is written or read (``edge.ticket_voids``);
 - stock counts are counters: changes carry deltas and concurrent deltas add up.
@@ -29,6 +31,16 @@ from sync_protocol.schema import (
 from .orders import ORDER_STATUS_RANKS
 
 TEXT, INT, BOOL = ColumnType.TEXT, ColumnType.INT, ColumnType.BOOL
+
+#: an order's discount: a percentage or an amount (one of them), its reason, who gave it and
+#: who approved it, written together
+DISCOUNT_COLUMNS = (
+    "discount_percent",
+    "discount_pence",
+    "discount_reason",
+    "discounted_by",
+    "discount_approved_by",
+)
 
 MENU_CATEGORIES = TableSpec(
     "menu_categories",
@@ -100,9 +112,7 @@ ORDERS = TableSpec(
         Column("closed_at_ms", INT),
         Column("notes", TEXT),
         Column("status", TEXT, Merge.FORWARD, ranks=ORDER_STATUS_RANKS, default="open"),
-        # The check's discount: a percentage or an amount (one of them), written together
-        # with its reason and who gave and approved it, so concurrent discounts resolve to
-        # one writer's whole discount.
+        # The check's discount (DISCOUNT_COLUMNS, written together)
         Column("discount_percent", INT, doc="1-100 of the subtotal; null: see discount_pence"),
         Column("discount_pence", INT, doc="a fixed amount off, at most the subtotal"),
         Column("discount_reason", TEXT),
@@ -112,6 +122,7 @@ ORDERS = TableSpec(
     author=Author.BOTH,
     strategy=Strategy.SMART_MERGE,
     doc="Order headers; the status only moves forward.",
+    together=(DISCOUNT_COLUMNS,),
 )
 
 ORDER_LINES = TableSpec(

@@ -139,6 +139,8 @@ def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
             spec.column(name)  # raises UNKNOWN_FIELD
         elif value is not None:
             column.check(value)
+    if spec.group_of:
+        _check_groups(spec, fields)
     if change.op is Op.UPDATE and not spec.immutable.isdisjoint(fields):
         name = next(n for n in fields if n in spec.immutable)
         raise RemoteProtocolError(
@@ -154,6 +156,18 @@ def validate_change(spec: TableSpec, change: Change, author: Author) -> None:
 
 
 _PLAIN = (str, int, bytes, type(None))  # bool is an int
+
+
+def _check_groups(spec: TableSpec, fields: Mapping[str, object]) -> None:
+    """Refuse a write that sets part of a ``together`` group."""
+    for name in fields:
+        group = spec.group_of.get(name)
+        if group is not None and not all(member in fields for member in group):
+            missing = ", ".join(member for member in group if member not in fields)
+            raise RemoteProtocolError(
+                ErrorCode.INVALID_CHANGE,
+                f"{spec.name}.{name} is written together with {missing}, which are missing",
+            )
 
 
 def validate_changes(
@@ -190,8 +204,10 @@ def validate_changes(
 
 
 def _plain_types(spec: TableSpec) -> dict[str, type]:
-    """Column name to Python type, for the columns whose check is the type and range alone."""
-    return {c.name: c.pytype for c in spec.columns if not c.rank_set}
+    """Column name to Python type, for the columns whose check is the type and range alone
+    (not a ranked column's states, nor a group's other columns)."""
+    grouped = spec.group_of
+    return {c.name: c.pytype for c in spec.columns if not c.rank_set and c.name not in grouped}
 
 
 def _plain_values(types: Mapping[str, type], fields: Values) -> bool:

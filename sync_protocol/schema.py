@@ -3,7 +3,11 @@
 The engine is generic; each table says its columns, who may author it, its conflict
 strategy, and how each column merges. Domain-aware merges (``COUNTER``, ``FORWARD``,
 ``STICKY``, ``IMMUTABLE``) converge on their own, whatever the table's strategy; only
-``LWW`` columns are subject to the strategy. ``shared.registry`` declares the real tables.
+``LWW`` columns are subject to the strategy. Columns that only mean something together (a
+discount's amount, reason and who gave it) are declared ``together``: every write sets all of
+them, so concurrent writes merge to one writer's whole set under every strategy, and a
+person resolving a parked conflict decides them as one. ``shared.registry`` declares the
+real tables.
 """
 
 from __future__ import annotations
@@ -133,12 +137,16 @@ class TableSpec:
     tie_break: TieBreak = TieBreak.LATEST
     add_only: bool = False
     doc: str = ""
+    #: groups of LWW columns every write sets all of (see the module's docstring)
+    together: tuple[tuple[str, ...], ...] = ()
     by_name: Mapping[str, Column] = field(init=False, repr=False, compare=False)
     #: a new row's values: column defaults, counters at 0
     defaults: Mapping[str, object] = field(init=False, repr=False, compare=False)
     #: columns that merge by a domain rule (COUNTER, FORWARD, STICKY)
     domain: Mapping[str, Column] = field(init=False, repr=False, compare=False)
     immutable: frozenset[str] = field(init=False, repr=False, compare=False)
+    #: each column of a ``together`` group to its whole group
+    group_of: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name.startswith("_"):
@@ -157,6 +165,19 @@ class TableSpec:
         object.__setattr__(self, "domain", domain)
         immutable = frozenset(c.name for c in self.columns if c.merge is Merge.IMMUTABLE)
         object.__setattr__(self, "immutable", immutable)
+        group_of: dict[str, tuple[str, ...]] = {}
+        for group in self.together:
+            for name in group:
+                column = self.by_name.get(name)
+                if len(group) < 2 or column is None or column.merge is not Merge.LWW:
+                    raise ValueError(
+                        f"table {self.name}: a group written together names two or more of "
+                        f"its LWW columns, not {group!r}"
+                    )
+                if name in group_of:
+                    raise ValueError(f"table {self.name}: {name} is in two groups")
+                group_of[name] = group
+        object.__setattr__(self, "group_of", group_of)
 
     def column(self, name: str) -> Column:
         """The column called ``name``, or UNKNOWN_FIELD."""
@@ -177,6 +198,7 @@ class TableSpec:
             tie_break or self.tie_break,
             self.add_only,
             self.doc,
+            self.together,
         )
 
 

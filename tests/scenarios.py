@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from shared.registry import DISCOUNT_COLUMNS
 from sync_protocol import Op
 
 ORDER_IDS = ["o1", "o2", "o3"]
@@ -38,16 +39,40 @@ class Sync:
 
 Step = Write | Sync
 
-order_fields = st.fixed_dictionaries(
-    {},
-    optional={
-        "table_name": st.sampled_from(["T1", "T2", "Bar", "Patio"]),
-        "covers": st.integers(1, 8),
-        "server_id": st.sampled_from(["ann", "bob"]),
-        "notes": st.sampled_from(["", "vip", "birthday"]),
-        "status": st.sampled_from(["open", "fired", "paid", "closed"]),
-    },
-).filter(bool)
+#: the discounts writers give a check (each written whole, as the edge does), and none
+DISCOUNTS = [
+    (10, None, "vip", "ann", "mia"),
+    (None, 500, "late food", "bob", "mia"),
+    (25, None, "vip", "bob", "ola"),
+    (None,) * len(DISCOUNT_COLUMNS),
+]
+order_fields = (
+    st.tuples(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "table_name": st.sampled_from(["T1", "T2", "Bar", "Patio"]),
+                "covers": st.integers(1, 8),
+                "server_id": st.sampled_from(["ann", "bob"]),
+                "notes": st.sampled_from(["", "vip", "birthday"]),
+                "status": st.sampled_from(["open", "fired", "paid", "closed"]),
+            },
+        ),
+        st.one_of(
+            st.just({}),
+            st.sampled_from([dict(zip(DISCOUNT_COLUMNS, d, strict=True)) for d in DISCOUNTS]),
+        ),
+    )
+    .map(lambda parts: parts[0] | parts[1])
+    .filter(bool)
+)
+
+
+def whole_discounts(orders: dict[str, dict[str, object]]) -> bool:
+    """Whether every check's discount is one that a writer gave, whole (or none)."""
+    return all(tuple(row.get(c) for c in DISCOUNT_COLUMNS) in DISCOUNTS for row in orders.values())
+
+
 stock_fields = st.fixed_dictionaries(
     {}, optional={"on_hand": st.integers(-5, 20), "par_level": st.integers(0, 30)}
 ).filter(bool)

@@ -17,7 +17,7 @@ from cloud.errors import CloudCode, CloudError
 from cloud.rows import pack_entry
 from cloud.schema import MIGRATIONS
 from cloud.store import ECHO_HOLD_S, CloudStore, IngestOrder
-from shared.registry import TABLES, default_registry
+from shared.registry import DISCOUNT_COLUMNS, TABLES, default_registry
 from sync_protocol import checksum, wire
 from sync_protocol.changes import Change, FeedEntry, Op, RowState, Value, Version
 from sync_protocol.errors import ErrorCode, RemoteProtocolError
@@ -397,6 +397,50 @@ def test_resolving_with_values_checks_them(pg_database: str) -> None:
         )
         assert conflict["resolution"] == {"choose": "values", "values": {"table_name": "Bar 2"}}
         assert (await store.rows(site, "orders"))["o1"]["table_name"] == "Bar 2"
+
+    run(pg_database, body, REGISTRY.with_strategies({"orders": "manual"}))
+
+
+def test_a_parked_discount_is_decided_whole(pg_database: str) -> None:
+    """Under ``manual``, concurrent discounts park the columns they disagree on; a person
+    decides those as one, and the write keeps the group whole."""
+    cloud_discount = (10, None, "vip", "mia", "mia")
+    edge_discount = (None, 500, "vip", "sam", "mia")  # same reason and approver
+
+    async def discounted(store: CloudStore, site: str, node: str, pk: str) -> dict[str, Any]:
+        await push(store, site, node, [change(node, 1, "orders", pk, Op.INSERT, dict(ORDER))])
+        fields = dict(zip(DISCOUNT_COLUMNS, cloud_discount, strict=True))
+        await store.write(site, [("orders", pk, Op.UPDATE, fields)])
+        fields = dict(zip(DISCOUNT_COLUMNS, edge_discount, strict=True))
+        before = dict.fromkeys(DISCOUNT_COLUMNS)
+        edit = change(node, 2, "orders", pk, Op.UPDATE, fields, 1, FAR_FUTURE_HLC, before)
+        assert (await push(store, site, node, [edit])).outcomes["parked"] == 1
+        [parked] = [c for c in await store.conflicts(site) if c["pk"] == pk]
+        return parked
+
+    def discount(row: dict[str, Value]) -> tuple[Value, ...]:
+        return tuple(row[c] for c in DISCOUNT_COLUMNS)
+
+    async def body(store: CloudStore) -> None:
+        site, node = await new_site(store)
+        parked = await discounted(store, site, node, "o1")
+        assert set(parked["columns"]) == {"discount_percent", "discount_pence", "discounted_by"}
+        for part in ({"discount_percent": 15}, {"discount_percent": 15, "discount_pence": None}):
+            with pytest.raises(RemoteProtocolError) as info:
+                await store.resolve_conflict(site, parked["id"], "values", part)
+            assert info.value.code is ErrorCode.INVALID_RESOLUTION
+            assert "together" in info.value.message
+        assert discount((await store.rows(site, "orders"))["o1"]) == cloud_discount
+        chosen = {"discount_percent": 15, "discount_pence": None, "discounted_by": "ola"}
+        conflict, _ = await store.resolve_conflict(site, parked["id"], "values", chosen)
+        whole = (15, None, "vip", "ola", "mia")
+        assert discount((await store.rows(site, "orders"))["o1"]) == whole
+        assert conflict["resolution"]["values"] == dict(zip(DISCOUNT_COLUMNS, whole, strict=True))
+        # choosing the edge's side writes its whole discount
+        other, node2 = await new_site(store, "other")
+        parked = await discounted(store, other, node2, "o2")
+        await store.resolve_conflict(other, parked["id"], "local")
+        assert discount((await store.rows(other, "orders"))["o2"]) == edge_discount
 
     run(pg_database, body, REGISTRY.with_strategies({"orders": "manual"}))
 

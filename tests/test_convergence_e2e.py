@@ -27,7 +27,7 @@ from shared.registry import default_registry
 from sync_protocol import Strategy
 
 from .harness import Edge, Fleet, edge_settings, fleet
-from .scenarios import Step, Sync, Write, plan, steps
+from .scenarios import Step, Sync, Write, plan, steps, whole_discounts
 
 EXAMPLES = 40
 
@@ -138,6 +138,7 @@ async def run_example(
             cloud_rows = await f.cloud.rows(site, table)
             assert await a.rows(table) == cloud_rows == await b.rows(table), table
             assert sums[table][0] == len(cloud_rows)
+        assert whole_discounts(await f.cloud.rows(site, "orders"))
 
         listed = await f.cloud.conflicts(site)
         assert sorted(map(_parked, listed)) == sorted(predicted)

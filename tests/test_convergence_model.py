@@ -10,7 +10,7 @@ from sync_protocol import Strategy
 from sync_protocol.merge import initial_values
 
 from .model import ModelCloud, ModelEdge
-from .scenarios import Step, Sync, Write, plan, steps
+from .scenarios import Step, Sync, Write, plan, steps, whole_discounts
 
 
 def run(strategy: Strategy, scenario: list[Step]) -> tuple[ModelCloud, ModelEdge, ModelEdge]:
@@ -51,6 +51,7 @@ def test_two_edges_and_the_cloud_converge(strategy: Strategy, scenario: list[Ste
     live = cloud.live()
     assert a.values == live
     assert b.values == live
+    assert whole_discounts({pk: row for (table, pk), row in live.items() if table == "orders"})
     for conflict in cloud.conflicts:
         assert strategy is Strategy.MANUAL
         assert (conflict.table, conflict.pk) in cloud.rows

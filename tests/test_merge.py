@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.orders import ORDER_STATUS_RANKS, ORDER_TRANSITIONS, OrderStatus
-from shared.registry import default_registry
+from shared.registry import DISCOUNT_COLUMNS, default_registry
 from sync_protocol import (
     Author,
     Change,
@@ -26,7 +26,7 @@ from sync_protocol import (
     validate_change,
 )
 from sync_protocol.merge import STRATEGIES, validate_changes
-from sync_protocol.schema import Column, ColumnType, Registry, TableSpec, TieBreak
+from sync_protocol.schema import Column, ColumnType, Merge, Registry, TableSpec, TieBreak
 
 REG = default_registry()
 ORDERS = REG.get("orders")
@@ -282,12 +282,6 @@ def test_smart_merge_is_deterministic_and_order_independent(changes: list[Change
     assert len(results) == 1, results
 
 
-DISCOUNT_COLUMNS = (
-    "discount_percent", "discount_pence", "discount_reason", "discounted_by",
-    "discount_approved_by",
-)  # fmt: skip
-
-
 @st.composite
 def whole_discounts(draw: st.DrawFn) -> dict[str, Any]:
     """What the edge writes for a discount: every discount column at once (None: taken off)."""
@@ -335,6 +329,46 @@ def test_concurrent_discounts_resolve_to_one_writers_whole_discount(
     assert final in {tuple(d[c] for c in DISCOUNT_COLUMNS) for d in discounts}
 
 
+def test_a_discount_is_written_whole_or_not_at_all() -> None:
+    whole = dict.fromkeys(DISCOUNT_COLUMNS) | {"discount_pence": 500, "discount_reason": "vip"}
+    for op in (Op.INSERT, Op.UPDATE):
+        validate_change(ORDERS, Change("edge-a", 1, "orders", "o1", op, whole, 0, 1), Author.EDGE)
+    for dropped in DISCOUNT_COLUMNS:
+        part = {k: v for k, v in whole.items() if k != dropped} | {"covers": 2}
+        bad = Change("edge-a", 1, "orders", "o1", Op.UPDATE, part, 0, 1)
+        for check in (
+            lambda bad=bad: validate_change(ORDERS, bad, Author.CLOUD),
+            lambda bad=bad: validate_changes(REG, [bad], Author.CLOUD),  # the batch's quick path
+        ):
+            with pytest.raises(RemoteProtocolError) as info:
+                check()
+            assert info.value.code is ErrorCode.INVALID_CHANGE
+            assert dropped in info.value.message
+    # a strategy set by configuration keeps the groups
+    assert ORDERS.with_strategy(Strategy.MANUAL).group_of == ORDERS.group_of
+    assert set(ORDERS.group_of) == set(DISCOUNT_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    "together",
+    [(("a",),), (("a", "nope"),), (("a", "n"),), (("a", "b"), ("b", "c")), (("a", "s"),)],
+    ids=["one column", "unknown", "a counter", "overlapping", "immutable"],
+)
+def test_a_group_written_together_is_two_or_more_lww_columns_in_one_group(
+    together: tuple[tuple[str, ...], ...],
+) -> None:
+    columns = (
+        Column("a", ColumnType.TEXT),
+        Column("b", ColumnType.TEXT),
+        Column("c", ColumnType.TEXT),
+        Column("n", ColumnType.INT, Merge.COUNTER),
+        Column("s", ColumnType.TEXT, Merge.IMMUTABLE),
+    )
+    TableSpec("t", columns, together=(("a", "b"),))
+    with pytest.raises(ValueError, match="group"):
+        TableSpec("t", columns, together=together)
+
+
 # -- the bulk validation of a batch agrees with the change-by-change one -------------------------
 
 PRICE_LISTS = TableSpec("price_lists", (Column("name", ColumnType.TEXT),), author=Author.CLOUD)
@@ -361,9 +395,14 @@ def batches(draw: st.DrawFn) -> list[Change]:
         fields: dict[str, Any] = dict(GOOD_FIELDS.get(table, {"x": 1}))
         op = draw(st.sampled_from([Op.INSERT] * 6 + [Op.UPDATE, Op.DELETE]))
         old: dict[str, Any] | None = None
-        what = draw(st.sampled_from(["none", "none", "value", "value", "column", "drop", "old"]))
+        what = draw(
+            st.sampled_from(["none", "none", "value", "value", "column", "drop", "old", "group"])
+        )
         name = draw(st.sampled_from([*fields, *fields, "voided", "price_pence", "tip"]))
-        if what == "value":
+        if what == "group":  # some of a discount's columns, maybe all of them
+            for column in draw(st.sets(st.sampled_from(DISCOUNT_COLUMNS), min_size=1)):
+                fields[column] = draw(st.one_of(st.none(), ODD))
+        elif what == "value":
             fields[name] = draw(ODD)
         elif what == "column":
             fields[draw(st.sampled_from(["tip", "id", "_rev"]))] = 1
