@@ -15,17 +15,20 @@ is): run on that thread instead, every statement's release and retake of the GIL
 behind the loop's HTTP work, which halved the writer's pace under load. A group with a heavy
 job (a backlog's pulled page, a prune, an import), or one that finds the database locked by
 another process (its ``BEGIN`` never waits on the loop), runs wholly on the writer thread.
+
 How durable a commit is. A tablet's write, and everything the uplink must not forget (that
 changes are about to be sent), commits at the store's ``synchronous`` level (FULL: fsynced
 before the caller is answered). The uplink's other bookkeeping (recording the cloud's ack,
-applying a pulled page) is something the edge can redo from the cloud, so a group made only
-of such transactions commits at NORMAL: written to the WAL without an fsync, durable across a
+applying a pulled page that only confirms this node's changes) is something the edge can redo
+from the cloud and that tablets never hear of, so a group made only of such transactions
+commits at NORMAL: written to the WAL without an fsync, durable across a
 crash of the process but not of the machine, until the next FULL commit, whose fsync covers
 every frame before it. A power cut can therefore only lose a suffix of such bookkeeping
 (SQLite's WAL keeps its prefix consistent): the edge then re-pushes changes the cloud
 acknowledged, which it skips as duplicates, and re-pulls the page. That takes two of the
 three fsyncs a live write costs off the writer, where a tablet's next write would wait
 for them.
+
 A second connection (aiosqlite) serves reads from WAL snapshots, so readers never see half a
 transaction and never wait for a writer. A caller is answered only after the commit; a
 cancelled caller cannot cut a transaction short (it runs to its end where it started),
@@ -713,8 +716,11 @@ class EdgeStore:
         # revise and prune, runs on the writer thread.
         covered = sum(last - first + 1 for first, last, _ in page.segments)
         heavy = bool(latest) or covered > _HEAVY_WRITES
-        # Not fsynced on its own: lost to a power cut, the page is pulled again.
-        return await self._transact(body, heavy=heavy, durable=False)  # type: ignore[arg-type]
+        # A page that only confirms is not fsynced on its own: lost to a power cut, it is
+        # pulled again. One with rows is: tablets are told of them at once, and must never
+        # have been sent an event (and its seq) that a power cut could take back.
+        durable = bool(latest)
+        return await self._transact(body, heavy=heavy, durable=durable)  # type: ignore[arg-type]
 
     def _logged(
         self, conn: sqlite3.Connection, keys: list[tuple[str, str]], st: State

@@ -205,9 +205,10 @@ class CommitLevels:
 def test_writes_are_fsynced_and_only_bookkeeping_the_cloud_can_redo_is_not(
     tmp_path: Path,
 ) -> None:
-    """A tablet's write and "about to send" commit at FULL; an ack and a pulled page alone
-    commit at NORMAL (a power cut may lose them, and they are redone from the cloud); queued
-    with a write, they share its fsynced commit."""
+    """A tablet's write and "about to send" commit at FULL; an ack and a pulled page that
+    only confirms alone commit at NORMAL (a power cut may lose them, and they are redone from
+    the cloud); queued with a write, they share its fsynced commit. A page with rows, which
+    tablets hear of at once, is fsynced."""
 
     def ack(through: int) -> PushAck:
         return PushAck(
@@ -240,10 +241,17 @@ def test_writes_are_fsynced_and_only_bookkeeping_the_cloud_can_redo_is_not(
             )
             assert levels.take() == ["FULL"]
             assert store.cursors().acked_through == 2 and store.cursors().last_seq == 3
+            # a page with a row for the tablets (and its live event) commits at FULL
+            state = RowState("m1", {"name": "Soup", "price_pence": 450},
+                             Version(2, pack(T0), "cloud"), {}, False)  # fmt: skip
+            await store.apply_page(
+                PullPage(1, 2, 2, False, 0, T0, pack(T0), [FeedEntry(2, "menu_items", state)])
+            )
+            assert levels.take() == ["FULL"]
         # what the bookkeeping wrote is on disk for the next process
         async with await open_store(tmp_path) as store:
             cursors = store.cursors()
-            assert (cursors.acked_through, cursors.pull_cursor, cursors.last_seq) == (2, 1, 3)
+            assert (cursors.acked_through, cursors.pull_cursor, cursors.last_seq) == (2, 2, 3)
         # a store opened below FULL never raises the level for bookkeeping
         for level in ("NORMAL", "OFF"):
             path = tmp_path / level
