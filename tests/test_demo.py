@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cloud.pgtemp import PostgresNotFound, find_binaries
+from edge.demo.cloud_process import DELIVERY, PAR_LEVEL, deliveries
 from shared.registry import TABLES
 
 #: a status line: "t=  3s  offline  outbox   12 (oldest  0.9s)  acked 36/48  …"
@@ -49,9 +50,9 @@ def test_demo_keeps_selling_through_an_outage_and_converges(tmp_path: Path) -> N
             pytest.skip(f"the demo needs local Postgres binaries: {exc}")
         raise
     data = tmp_path / "demo"
-    code, out = _run_demo(
-        ["--seconds", "8", "--offline-at", "2", "--online-at", "4", "--data", str(data)], tmp_path
-    )
+    # every item opens at its par level: the first portion sold makes the owner book a delivery
+    args = ["--seconds", "8", "--offline-at", "2", "--online-at", "4", "--stock", str(PAR_LEVEL)]
+    code, out = _run_demo([*args, "--data", str(data)], tmp_path)
     log = data / "demo.log"
     context = f"output:\n{out}\ndemo.log:\n{log.read_text() if log.exists() else '(none)'}"
     assert code == 0, context
@@ -72,6 +73,10 @@ def test_demo_keeps_selling_through_an_outage_and_converges(tmp_path: Path) -> N
 
     assert "link DOWN" in out and "link UP" in out, context
     assert re.search(r"edge: .* here, \d+ ms after the edit", out), context  # a price flowed down
+    # deliveries booked in the cloud while the tablets sold: the stock counters converge below
+    assert re.search(r"owner: deliveries booked in the cloud \(rev \d+\): \w", out), context
+    booked = re.search(r"owner: \d+ price edits and (\d+) deliveries in the cloud", out)
+    assert booked is not None and int(booked[1]) > 0, context
     sums = re.findall(r"^ {4}(\w+) +(\d+) rows +(equal|NOT EQUAL)$", out, re.M)
     assert {table for table, _, _ in sums} == {spec.name for spec in TABLES}, context
     assert all(verdict == "equal" for _, _, verdict in sums), context
@@ -80,8 +85,23 @@ def test_demo_keeps_selling_through_an_outage_and_converges(tmp_path: Path) -> N
     assert "cloud: stopped (exit 0)" in out, context
 
 
+def test_the_owner_restocks_what_falls_below_its_par_level() -> None:
+    stock = {
+        "espresso": {"on_hand": 39, "par_level": 40},
+        "brownie": {"on_hand": 40, "par_level": 40},
+        "soup": {"on_hand": -3, "par_level": 10},  # oversold while offline
+        "tart": {"on_hand": 0, "par_level": None},  # no par level: never restocked
+    }
+    assert deliveries(stock) == [
+        {"table": "stock_levels", "id": item, "op": "update", "fields": {"on_hand": DELIVERY}}
+        for item in ("espresso", "soup")
+    ]
+
+
 def test_demo_refuses_bad_options(tmp_path: Path) -> None:
     code, out = _run_demo(["--online-at", "3"], tmp_path)
     assert code == 2 and "--online-at needs --offline-at" in out
     code, out = _run_demo(["--offline-at", "3", "--online-at", "2"], tmp_path)
     assert code == 2 and "later than --offline-at" in out
+    code, out = _run_demo(["--stock", "-1"], tmp_path)
+    assert code == 2 and "--stock must be from 0" in out

@@ -29,6 +29,8 @@ MENU = (
     ("item-tart", "cat-sweet", "Lemon tart", 450, "pass"),
 )
 STOCK_START = 150
+PAR_LEVEL = 40  #: below this many portions (as the cloud sees it), the owner books a delivery
+DELIVERY = 150  #: portions a delivery brings
 
 
 # -- the cloud: a child process and its owner API ----------------------------------------------
@@ -145,14 +147,19 @@ class Owner:
                 return int(site["feed_head"])
         raise DemoError(f"the cloud does not list site {SITE_ID!r}")
 
+    async def rows(self, table: str) -> dict[str, dict[str, Any]]:
+        """The demo site's live rows of ``table`` in the cloud, by id."""
+        answer = await self.call("GET", f"/v1/sites/{SITE_ID}/rows/{table}")
+        return dict(answer["rows"])
+
     async def checksums(self) -> dict[str, tuple[int, int]]:
         """Per-table (count, total) checksums of the demo site in the cloud."""
         answer = await self.call("GET", f"/v1/sites/{SITE_ID}/checksums")
         return {t: (int(c["count"]), int(c["total"])) for t, c in answer.items()}
 
 
-def seed() -> list[dict[str, Any]]:
-    """The menu and the opening stock."""
+def seed(stock: int = STOCK_START) -> list[dict[str, Any]]:
+    """The menu and ``stock`` portions of each item."""
     out = [
         change("menu_categories", cat, "insert", name=name, position=i, active=True)
         for i, (cat, name) in enumerate(CATEGORIES)
@@ -160,5 +167,15 @@ def seed() -> list[dict[str, Any]]:
     for item, cat, name, price, station in MENU:
         fields: dict[str, Value] = {"category_id": cat, "name": name, "price_pence": price}
         out.append(change("menu_items", item, "insert", **fields, station=station))
-        out.append(change("stock_levels", item, "insert", on_hand=STOCK_START, par_level=40))
+        out.append(change("stock_levels", item, "insert", on_hand=stock, par_level=PAR_LEVEL))
     return out
+
+
+def deliveries(stock: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A delivery of ``DELIVERY`` portions for each item below its par level: a counter
+    delta, which adds up with the tablets' sales made meanwhile, wherever they are."""
+    return [
+        change("stock_levels", item, "update", on_hand=DELIVERY)
+        for item, row in sorted(stock.items())
+        if int(row.get("on_hand") or 0) < int(row.get("par_level") or 0)
+    ]

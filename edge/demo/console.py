@@ -78,6 +78,7 @@ class Result:
     lines: int = 0
     changes: int = 0
     owner_edits: int = 0
+    deliveries: int = 0
     last_seq: int = 0
     acked_through: int = 0
     pulled: int = 0
@@ -97,7 +98,8 @@ def summary(r: Result, cloud_exit: int | None) -> list[str]:
     if r.checksums:  # the edge ran
         lines.append(
             f"  tablets: {r.orders} orders with {r.lines} lines and their stock deltas "
-            f"({r.changes} changes); owner: {r.owner_edits} price edits in the cloud"
+            f"({r.changes} changes); owner: {r.owner_edits} price edits and "
+            f"{r.deliveries} deliveries in the cloud"
         )
         lines.append(
             f"  sync: edge wrote seq {r.last_seq}, cloud acknowledged {r.acked_through}; "

@@ -42,7 +42,18 @@ from ..app import STORE_KEY, UPLINK_KEY, create_app, status_body
 from ..config import DEFAULT_PATH, CloudSettings, EdgeConfig, load_edge_config
 from ..store import EdgeStore, Write, wall_clock_ms
 from ..uplink import Uplink
-from .cloud_process import MENU, CloudProcess, Owner, change, free_port, seed
+from .cloud_process import (
+    DELIVERY,
+    MENU,
+    PAR_LEVEL,
+    STOCK_START,
+    CloudProcess,
+    Owner,
+    change,
+    deliveries,
+    free_port,
+    seed,
+)
 from .common import (
     CLOUD_START_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
@@ -72,6 +83,7 @@ class Options:
     offline_at: float | None
     online_at: float | None
     data: Path | None
+    stock: int = STOCK_START
 
 
 def _seconds(text: str) -> float:
@@ -94,14 +106,24 @@ def parse_options(argv: list[str] | None = None) -> Options:
     add("--offline-at", type=_seconds, metavar="S", help="stop the uplink S seconds in")
     add("--online-at", type=_seconds, metavar="S", help="restart it S seconds in (default: end)")
     add("--data", type=Path, metavar="DIR", help="keep the database and logs in DIR")
+    add(
+        "--stock",
+        type=int,
+        default=STOCK_START,
+        metavar="N",
+        help=f"opening portions of each item (default: {STOCK_START}); the owner books a "
+        f"delivery of {DELIVERY} for any the cloud sees below {PAR_LEVEL}",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.rate <= 1000:
         parser.error("--rate must be above 0 and at most 1000")
+    if not 0 <= args.stock <= 1_000_000:
+        parser.error("--stock must be from 0 to 1000000")
     if args.online_at is not None and args.offline_at is None:
         parser.error("--online-at needs --offline-at")
     if args.online_at is not None and args.online_at <= args.offline_at:
         parser.error("--online-at must be later than --offline-at")
-    return Options(args.seconds, args.rate, args.offline_at, args.online_at, args.data)
+    return Options(args.seconds, args.rate, args.offline_at, args.online_at, args.data, args.stock)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -181,7 +203,7 @@ class Demo:
             await self._wait_for_cloud(http)
             await owner.call("POST", "/v1/sites", {"name": "Demo Bistro", "site_id": SITE_ID})
             device = await owner.call("POST", f"/v1/sites/{SITE_ID}/devices", {"name": "till"})
-            seed_rev = await owner.write(*seed())
+            seed_rev = await owner.write(*seed(self.options.stock))
             self.console.line(
                 f"site {SITE_ID!r} and edge node {device['node_id']} registered; "
                 f"menu ({len(MENU)} items) and stock seeded in the cloud"
@@ -329,6 +351,20 @@ class Demo:
             self.result.owner_edits += 1
             self.event(f"owner: {names[item_id]} {old}p -> {new}p in the cloud (rev {rev})")
             self._spawn("price", self._watch_price(store, item_id, names[item_id], new))
+            await self._restock(owner, names)
+
+    async def _restock(self, owner: Owner, names: dict[str, str]) -> None:
+        """Book a delivery in the cloud for every item the cloud sees below its par level."""
+        stock = await owner.rows("stock_levels")
+        booked = deliveries(stock)
+        if not booked:
+            return
+        rev = await owner.write(*booked)
+        self.result.deliveries += len(booked)
+        items = ", ".join(
+            f"{names.get(c['id'], c['id'])} ({stock[c['id']]['on_hand']} left)" for c in booked
+        )
+        self.event(f"owner: deliveries booked in the cloud (rev {rev}): {items}")
 
     async def _watch_price(self, store: EdgeStore, item_id: str, name: str, price: int) -> None:
         """Report when the owner's new price has reached the edge (cancelled at the end)."""
