@@ -350,7 +350,7 @@ class Demo:
             rev = await owner.write(change("menu_items", item_id, "update", price_pence=new))
             self.result.owner_edits += 1
             self.event(f"owner: {names[item_id]} {old}p -> {new}p in the cloud (rev {rev})")
-            self._spawn("price", self._watch_price(store, item_id, names[item_id], new))
+            self._spawn("price", self._watch_price(store, rev, names[item_id], new))
             await self._restock(owner, names)
 
     async def _restock(self, owner: Owner, names: dict[str, str]) -> None:
@@ -366,15 +366,18 @@ class Demo:
         )
         self.event(f"owner: deliveries booked in the cloud (rev {rev}): {items}")
 
-    async def _watch_price(self, store: EdgeStore, item_id: str, name: str, price: int) -> None:
-        """Report when the owner's new price has reached the edge (cancelled at the end)."""
+    async def _watch_price(self, store: EdgeStore, rev: int, name: str, price: int) -> None:
+        """Report when the owner's edit (feed revision ``rev``) has reached the edge: its pull
+        cursor passed it, so the edit is applied there, even if a later one replaced it
+        (watching for the price itself would wait for ever, or match a later edit back to
+        the same price). Cancelled at the end."""
 
         async def arrived() -> bool:
-            row = await store.get("menu_items", item_id)
-            return row is not None and row["price_pence"] == price
+            return store.cursors().pull_cursor >= rev
 
         took = await self._until(arrived, float("inf"), every_s=0.01)
-        self.event(f"edge: {name} is {price}p here, {(took or 0) * 1000:.0f} ms after the edit")
+        ms = (took or 0) * 1000
+        self.event(f"edge: {name} {price}p arrived here, {ms:.0f} ms after the edit")
 
     async def _outage(self, uplink: Uplink) -> None:
         opts = self.options
