@@ -631,8 +631,7 @@ class CloudStore:
         out: dict[str, checksum.Checksum] = {}
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             for name, io in self.io.items():
-                rows = await io.live_rows(conn, site_id)
-                out[name] = checksum.table_checksum(rows.items(), io.names)
+                out[name] = await io.live_checksum(conn, site_id)
         return out
 
     async def status(self, site_id: str | None = None) -> list[dict[str, Any]]:

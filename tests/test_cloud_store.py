@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import given, settings
 
+from cloud import rows as cloud_rows
 from cloud import store as store_module
 from cloud.errors import CloudCode, CloudError
 from cloud.rows import pack_entry
@@ -717,7 +718,11 @@ def test_rows_new_to_the_cloud_are_stored_and_published_as_the_merge_rules_make_
     run(pg_database, body)
 
 
-def test_checksums_match_a_recomputation_and_an_edge_replaying_the_feed(pg_database: str) -> None:
+def test_checksums_match_a_recomputation_and_an_edge_replaying_the_feed(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cloud_rows, "CHECKSUM_PAGE", 3)  # 7 order lines: summed in 3 pages
+
     async def body(store: CloudStore) -> None:
         site, node = await new_site(store)
         await push(store, site, node, [line(node, i, f"l{i}") for i in range(1, 8)])

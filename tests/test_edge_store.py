@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from edge import __main__ as edge_cli
+from edge import store as edge_store
 from edge.errors import EdgeError, EdgeErrorCode
 from edge.migrations import MIGRATIONS
 from edge.store import EdgeStore, status_from_file
@@ -153,7 +154,11 @@ def test_domain_columns_merge_locally(tmp_path: Path) -> None:
     run(body)
 
 
-def test_bools_come_back_as_bools_and_checksum_matches(tmp_path: Path) -> None:
+def test_bools_come_back_as_bools_and_checksum_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge_store, "CHECKSUM_PAGE", 1)  # summed a row at a time
+
     async def body() -> None:
         async with await open_store(tmp_path) as store:
             await store.write("menu_items", "i1", Op.INSERT, ITEM)
