@@ -117,6 +117,10 @@ def _json_response(value: object) -> web.Response:
     return web.json_response(value, dumps=conflict_store.dumps)
 
 
+ROWS_PAGE_DEFAULT = 1_000  #: rows in a page of the owners' rows endpoint, unless asked
+ROWS_PAGE_MAX = 10_000
+
+
 def _int_param(request: web.Request, name: str, default: int) -> int | None:
     """An integer query parameter, its default when absent, None when malformed."""
     text = request.query.get(name)
@@ -317,10 +321,14 @@ async def cloud_changes(request: web.Request) -> web.Response:
 
 @owner_routes.get("/v1/sites/{site}/rows/{table}")
 async def site_rows(request: web.Request) -> web.Response:
-    """The live rows of one synced table of a site."""
+    """A page of the live rows of one synced table of a site, in id order."""
     site_id, table = await _site(request), request.match_info["table"]
-    rows = await request.app[STORE].rows(site_id, table)
-    return _json_response({"table": table, "rows": rows})
+    limit = _int_param(request, "limit", ROWS_PAGE_DEFAULT)
+    if limit is None or not 1 <= limit <= ROWS_PAGE_MAX:
+        raise CloudError(CloudCode.BAD_REQUEST, f"limit must be 1 to {ROWS_PAGE_MAX}")
+    after = request.query.get("after", "")
+    rows, following = await request.app[STORE].rows_page(site_id, table, after, limit)
+    return _json_response({"table": table, "rows": rows, "next": following})
 
 
 @owner_routes.get("/v1/sites/{site}/checksums")

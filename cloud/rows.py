@@ -90,6 +90,10 @@ class TableIO:
         self.live_sql = (
             f"SELECT {listed} FROM {table} WHERE site_id = $1 AND NOT _deleted ORDER BY id"
         )
+        self.page_sql = (
+            f"SELECT {listed} FROM {table} WHERE site_id = $1 AND NOT _deleted AND id > $2"
+            " ORDER BY id LIMIT $3"
+        )
         types = ["text", *(PG_TYPES[c.type] for c in spec.columns)]
         types += ["bigint", "bigint", "text", "text", "boolean"]
         arrays = ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(types))
@@ -172,7 +176,15 @@ class TableIO:
         self, conn: asyncpg.Connection, site_id: str
     ) -> dict[str, dict[str, Value]]:
         """Every live (not deleted) row of a site: ``{pk: {column: value}}``."""
-        records = await conn.fetch(self.live_sql, site_id)
+        return self._by_id(await conn.fetch(self.live_sql, site_id))
+
+    async def live_page(
+        self, conn: asyncpg.Connection, site_id: str, after: str, limit: int
+    ) -> dict[str, dict[str, Value]]:
+        """Up to ``limit`` live rows of a site with ids after ``after``, in id order."""
+        return self._by_id(await conn.fetch(self.page_sql, site_id, after, limit))
+
+    def _by_id(self, records: Sequence[asyncpg.Record]) -> dict[str, dict[str, Value]]:
         names = self.names
         return {r[0]: dict(zip(names, tuple(r)[1:], strict=True)) for r in records}
 

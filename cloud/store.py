@@ -626,6 +626,19 @@ class CloudStore:
         async with self.pool.acquire() as conn:
             return await io.live_rows(conn, site_id)
 
+    async def rows_page(
+        self, site_id: str, table: str, after: str = "", limit: int = 1000
+    ) -> tuple[dict[str, dict[str, Value]], str | None]:
+        """A page of a table's live rows in id order, after id ``after``, and the id to ask
+        after for the next page (None: this was the last)."""
+        io = self.io[self.registry.get(table).name]
+        async with self.pool.acquire() as conn:
+            rows = await io.live_page(conn, site_id, after, limit + 1)
+        if len(rows) <= limit:
+            return rows, None
+        rows.popitem()  # the first row of the next page: it proves there is one
+        return rows, next(reversed(rows))
+
     async def checksums(self, site_id: str) -> dict[str, checksum.Checksum]:
         """Per-table checksums of a site's live rows (columns in spec order)."""
         out: dict[str, checksum.Checksum] = {}

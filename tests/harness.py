@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import msgpack
@@ -335,10 +336,15 @@ class Cloud:
         return int((await self.owner("POST", f"/v1/sites/{site}/changes", body))["rev"])
 
     async def rows(self, site: str, table: str) -> dict[str, dict[str, Any]]:
-        """A table's live rows at the cloud."""
-        rows: dict[str, dict[str, Any]] = (
-            await self.owner("GET", f"/v1/sites/{site}/rows/{table}")
-        )["rows"]
+        """A table's live rows at the cloud (every page)."""
+        rows: dict[str, dict[str, Any]] = {}
+        after: str | None = ""
+        while after is not None:
+            page = await self.owner(
+                "GET", f"/v1/sites/{site}/rows/{table}?{urlencode({'after': after})}"
+            )
+            rows |= page["rows"]
+            after = page["next"]
         return rows
 
     async def checksums(self, site: str) -> Sums:

@@ -447,6 +447,37 @@ def test_status_shows_each_nodes_lag(pg_database: str) -> None:
     run(config_for(pg_database), body)
 
 
+def test_owners_read_a_table_a_page_at_a_time(pg_database: str) -> None:
+    async def body(cloud: Cloud) -> None:
+        dev = await cloud.site_with_device()
+        ids = ["a", "b", "c", "d", "e"]
+        changes = [
+            {"table": "menu_items", "id": i, "op": "insert", "fields": {"name": i.upper()}}
+            for i in [*ids, "gone"]
+        ]
+        await cloud.owner("POST", f"/v1/sites/{dev.site}/changes", {"changes": changes})
+        gone = {"table": "menu_items", "id": "gone", "op": "delete", "fields": {}}
+        await cloud.owner("POST", f"/v1/sites/{dev.site}/changes", {"changes": [gone]})
+        url = f"/v1/sites/{dev.site}/rows/menu_items"
+        pages, after = [], ""
+        while after is not None:
+            status, page = await cloud.owner("GET", f"{url}?after={after}&limit=2")
+            assert status == 200 and page["table"] == "menu_items"
+            pages.append(list(page["rows"]))
+            after = page["next"]
+        assert pages == [["a", "b"], ["c", "d"], ["e"]]  # in id order, the deleted row left out
+        status, whole = await cloud.owner("GET", url)  # the default page holds all five
+        assert status == 200 and list(whole["rows"]) == ids and whole["next"] is None
+        assert whole["rows"]["c"]["name"] == "C"
+        status, tail = await cloud.owner("GET", f"{url}?after=d")
+        assert list(tail["rows"]) == ["e"] and tail["next"] is None
+        for bad in ("0", "10001", "x", "-1"):
+            status, refused = await cloud.owner("GET", f"{url}?limit={bad}")
+            assert (status, refused["error"]["code"]) == (400, "bad_request"), bad
+
+    run(config_for(pg_database), body)
+
+
 def test_owner_api_refusals(pg_database: str) -> None:
     async def body(cloud: Cloud) -> None:
         dev = await cloud.site_with_device()

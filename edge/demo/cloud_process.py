@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -148,9 +149,15 @@ class Owner:
         raise DemoError(f"the cloud does not list site {SITE_ID!r}")
 
     async def rows(self, table: str) -> dict[str, dict[str, Any]]:
-        """The demo site's live rows of ``table`` in the cloud, by id."""
-        answer = await self.call("GET", f"/v1/sites/{SITE_ID}/rows/{table}")
-        return dict(answer["rows"])
+        """The demo site's live rows of ``table`` in the cloud, by id (every page)."""
+        rows: dict[str, dict[str, Any]] = {}
+        after: str | None = ""
+        while after is not None:
+            query = urlencode({"after": after})
+            page = await self.call("GET", f"/v1/sites/{SITE_ID}/rows/{table}?{query}")
+            rows |= page["rows"]
+            after = page["next"]
+        return rows
 
     async def checksums(self) -> dict[str, tuple[int, int]]:
         """Per-table (count, total) checksums of the demo site in the cloud."""
