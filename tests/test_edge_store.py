@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,6 +170,37 @@ def test_bools_come_back_as_bools_and_checksum_matches(
             names = [c.name for c in MENU_ITEMS.columns]
             expected = table_checksum([("i1", ITEM), ("i2", {**ITEM, "available": False})], names)
             assert await store.checksum("menu_items") == expected
+
+    run(body)
+
+
+def test_a_checksum_being_summed_hides_no_write_from_the_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sum reads on its own connection: the uplink and the live hub, reading beside it,
+    see a write committed while it runs (it sums the snapshot it started with)."""
+    monkeypatch.setattr(edge_store, "CHECKSUM_PAGE", 1)
+    started, release = threading.Event(), threading.Event()
+    summed = edge_store.table_checksum
+
+    def held_at_first_page(rows: Any, columns: Any) -> Any:
+        started.set()
+        release.wait(10)
+        return summed(rows, columns)
+
+    monkeypatch.setattr(edge_store, "table_checksum", held_at_first_page)
+
+    async def body() -> None:
+        async with await open_store(tmp_path) as store:
+            for pk in ("i1", "i2", "i3"):
+                await store.write("menu_items", pk, Op.INSERT, ITEM)
+            summing = asyncio.ensure_future(store.checksum("menu_items"))
+            assert await asyncio.to_thread(started.wait, 10)
+            await store.write("menu_items", "late", Op.INSERT, ITEM)
+            assert "late" in await store.rows("menu_items")
+            assert [c.pk for c in await store.outbox_after(3, 10)] == ["late"]
+            release.set()
+            assert (await summing).count == 3
 
     run(body)
 
