@@ -63,7 +63,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,7 +103,7 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Write = tuple[str, str, Op | int, Values]
 
 _CHUNK = 400  # (tbl, pk) pairs per IN (VALUES …) lookup
-CHECKSUM_PAGE = 5_000  #: rows read at a time for a checksum
+SCAN_PAGE = 5_000  #: rows read at a time by ``scan`` (a checksum, the audit chain's check)
 #: the level of a commit the edge can redo from the cloud (levels below it stay as they are):
 #: NORMAL in WAL mode keeps the file consistent and syncs at checkpoints, not per commit
 _LAZY_LEVEL: dict[str, Synchronous] = {"FULL": "NORMAL", "EXTRA": "NORMAL"}
@@ -544,28 +544,40 @@ class EdgeStore:
         }
 
     async def checksum(self, table: str) -> Checksum:
-        """The table's additive checksum, comparable with the cloud's: summed a page of rows
-        at a time from one read (one snapshot), so a year of orders never sits in memory.
-
-        It reads on a connection of its own, in a thread: a statement left open between the
-        pages would hold the shared reader's snapshot, and the uplink and the live hub,
-        reading beside it, would not see new writes until the sum was done."""
+        """The table's additive checksum, comparable with the cloud's (see ``scan``)."""
         io = self._io(table)
 
-        def compute() -> Checksum:
+        def summed(rows: Iterator[Any]) -> Checksum:
+            return table_checksum(((row[0], io.values(row)) for row in rows), io.names)
+
+        return await self.scan(io.select_all, (), summed)
+
+    async def scan(
+        self, sql: str, params: Sequence[Any], consume: Callable[[Iterator[Any]], T]
+    ) -> T:
+        """``consume(rows)`` for a read of any length (a checksum, the audit chain's check):
+        in a thread, on a connection opened for it, ``SCAN_PAGE`` rows at a time from one
+        snapshot, so the table never sits in memory whole and the event loop serves tablets
+        meanwhile. (Not on the shared reader: a statement open on it between pages would
+        hold its snapshot, and the uplink and the live hub, reading beside it, would not see
+        new writes until the scan was done.)"""
+
+        def run() -> T:
             conn = sqlite3.connect(str(self.path))
             try:
                 conn.execute("PRAGMA query_only = ON")
                 conn.execute("PRAGMA busy_timeout = 5000")
-                total = Checksum()
-                cursor = conn.execute(io.select_all)
-                while page := cursor.fetchmany(CHECKSUM_PAGE):
-                    total += table_checksum(((row[0], io.values(row)) for row in page), io.names)
-                return total
+                cursor = conn.execute(sql, params)
+
+                def rows() -> Iterator[Any]:
+                    while page := cursor.fetchmany(SCAN_PAGE):
+                        yield from page
+
+                return consume(rows())
             finally:
                 conn.close()
 
-        return await asyncio.to_thread(compute)
+        return await asyncio.to_thread(run)
 
     async def outbox_after(self, seq: int, limit: int) -> list[Change]:
         """Up to ``limit`` logged changes with a sequence number above ``seq``, in order."""

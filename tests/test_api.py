@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +16,8 @@ from typing import Any, TypeVar
 import jsonschema
 import pytest
 
-from edge.api import OPERATIONS
+from edge import store as edge_store
+from edge.api import OPERATIONS, audit
 from edge.api.auth import AUTHENTICATOR as AUTH
 
 from .api_harness import Edge, running_edge
@@ -194,7 +196,21 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_first_answer(tmp_path: P
     run(body, tmp_path)
 
 
-def test_every_mutation_is_audited_in_a_chain_that_detects_tampering(tmp_path: Path) -> None:
+def test_every_mutation_is_audited_in_a_chain_that_detects_tampering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chain is checked a page at a time, off the event loop: here a row at a time, and
+    # each check records the thread it ran on.
+    monkeypatch.setattr(edge_store, "SCAN_PAGE", 1)
+    checked_on: list[int] = []
+    check_chain = audit.verify
+
+    def verify(entries: Any) -> Any:
+        checked_on.append(threading.get_ident())
+        return check_chain(entries)
+
+    monkeypatch.setattr(audit, "verify", verify)
+
     async def body(edge: Edge) -> None:
         till = await edge.pair("till")
         await edge.login(till, "mia")
@@ -224,6 +240,7 @@ def test_every_mutation_is_audited_in_a_chain_that_detects_tampering(tmp_path: P
         raw(edge, "DELETE FROM audit_log WHERE position = 2")
         got, check, _ = await edge.call("GET", "/v1/audit/verify", till.headers("mia"))
         assert (check["ok"], check["first_bad_position"]) == (False, 2)
+        assert len(checked_on) == 3 and threading.get_ident() not in checked_on
 
     run(body, tmp_path)
 

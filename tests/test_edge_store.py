@@ -158,7 +158,7 @@ def test_domain_columns_merge_locally(tmp_path: Path) -> None:
 def test_bools_come_back_as_bools_and_checksum_matches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(edge_store, "CHECKSUM_PAGE", 1)  # summed a row at a time
+    monkeypatch.setattr(edge_store, "SCAN_PAGE", 1)  # summed a row at a time
 
     async def body() -> None:
         async with await open_store(tmp_path) as store:
@@ -179,7 +179,7 @@ def test_a_checksum_being_summed_hides_no_write_from_the_readers(
 ) -> None:
     """The sum reads on its own connection: the uplink and the live hub, reading beside it,
     see a write committed while it runs (it sums the snapshot it started with)."""
-    monkeypatch.setattr(edge_store, "CHECKSUM_PAGE", 1)
+    monkeypatch.setattr(edge_store, "SCAN_PAGE", 1)
     started, release = threading.Event(), threading.Event()
     summed = edge_store.table_checksum
 
