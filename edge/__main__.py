@@ -37,7 +37,7 @@ from .api.people import (
     create_pairing_code,
     hash_pin,
 )
-from .app import AccessLog, create_app, status_body
+from .app import access_log_options, create_app, status_body
 from .config import DEFAULT_PATH, EdgeConfig, load_edge_config
 from .errors import EdgeError
 from .store import EdgeStore, status_from_file, wall_clock_ms
@@ -236,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         app,
         host=config.host,
         port=config.port,
-        access_log_class=AccessLog,
         loop=new_event_loop(),
+        **access_log_options(config.access_log),
     )
     return 0
 

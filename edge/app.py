@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.log import access_logger as aiohttp_access_logger
 
 from shared.registry import default_registry
 from sync_protocol.schema import Registry
@@ -115,8 +116,12 @@ async def sync_conflicts(ctx: Ctx) -> dict[str, Any]:
     return {"conflicts": json.loads(_dumps(conflicts))}
 
 
+SLOW_REQUEST_S = 0.25  #: an answer this late is logged even when only slow ones are
+
+
 class AccessLog(AbstractAccessLogger):
-    """One line per request: method, path (never the query: it may hold a credential), status."""
+    """One line per request: method, path (never the query: it may hold a credential), status
+    and time; every request (``access_log = "all"``)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Log one answered request."""
@@ -128,6 +133,26 @@ class AccessLog(AbstractAccessLogger):
             response.status,
             time * 1000,
         )
+
+
+class SlowAccessLog(AccessLog):
+    """The access log of ``access_log = "slow"``: only requests refused or failed (status 400
+    and up) or answered in ``SLOW_REQUEST_S`` or more."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Log one answered request, if refused, failed or slow."""
+        if response.status >= 400 or time >= SLOW_REQUEST_S:
+            super().log(request, response, time)
+
+
+def access_log_options(setting: str) -> dict[str, Any]:
+    """``web.run_app``'s access log arguments for an ``access_log`` setting."""
+    if setting == "off":
+        return {"access_log": None}
+    return {
+        "access_log": aiohttp_access_logger,
+        "access_log_class": SlowAccessLog if setting == "slow" else AccessLog,
+    }
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

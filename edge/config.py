@@ -137,6 +137,13 @@ class EdgeConfig:
             "NORMAL is faster but may lose the last writes on power loss."
         },
     )
+    access_log: Literal["all", "slow", "off"] = field(
+        default="slow",
+        metadata={
+            "doc": "Which requests the access log lists: 'all'; 'slow' (the default): only "
+            "those refused or failed (status 400 and up) or answered in 250 ms or more; 'off'."
+        },
+    )
     max_db_mb: int = field(
         default=0,
         metadata={

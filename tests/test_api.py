@@ -7,6 +7,7 @@ document (every route in it, every response matching its schema).
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine
@@ -279,6 +280,52 @@ def test_the_openapi_document_lists_every_route_and_responses_match_it(tmp_path:
         assert len(edge.app[OPERATIONS]) == len(documented)
 
     run(body, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("setting", "logged"),
+    [("all", ["/ok 200", "/missing 404", "/slow 200"]), ("slow", ["/missing 404", "/slow 200"]),
+     ("off", [])],
+)  # fmt: skip
+def test_the_access_log_lists_all_requests_or_only_refused_failed_and_slow_ones(
+    setting: str, logged: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import aiohttp
+    from aiohttp import web
+
+    from edge.app import SLOW_REQUEST_S, access_log_options
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(SLOW_REQUEST_S + 0.05)
+        return web.Response(text="late")
+
+    async def body() -> None:
+        app = web.Application()
+        app.router.add_get("/ok", ok)
+        app.router.add_get("/slow", slow)
+        runner = web.AppRunner(app, **access_log_options(setting))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as http:
+                for path in ("/ok", "/missing", "/slow"):
+                    async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                        await resp.read()
+        finally:
+            await runner.cleanup()
+
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        asyncio.run(body())
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    found = [re.search(r'"GET (\S+)" (\d+) ', line) for line in lines]
+    assert [f"{m[1]} {m[2]}" for m in found if m] == logged and len(found) == len(logged)
 
 
 def test_the_access_log_never_writes_query_strings(caplog: pytest.LogCaptureFixture) -> None:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from edge import __main__ as edge_cli
 from edge import store as edge_store
+from edge.app import SlowAccessLog
 from edge.errors import EdgeError, EdgeErrorCode
 from edge.migrations import MIGRATIONS
 from edge.store import EdgeStore, status_from_file
@@ -760,11 +761,13 @@ def test_the_running_edge_leaves_its_start_up_heap_out_of_garbage_collection(
         encoding="utf-8",
     )
     served: list[web.Application] = []
-    monkeypatch.setattr(web, "run_app", lambda app, **_: served.append(app))
+    options: list[dict[str, Any]] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **kw: served.append(app) or options.append(kw))
     for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
         monkeypatch.setattr(logging, name, getattr(logging, name))  # main() tunes logging
     assert edge_cli.main(["run", "--config", str(config)]) == 0
     [app] = served
+    assert options[0]["access_log_class"] is SlowAccessLog  # the default access log
 
     async def start_up() -> tuple[int, int]:
         runner = web.AppRunner(app)
