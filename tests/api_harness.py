@@ -158,6 +158,18 @@ async def seed_modifiers(store: EdgeStore) -> None:
 
 
 @asynccontextmanager
+async def serving(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """``app`` served on a free port of 127.0.0.1 (its base URL) until the block ends."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def running_edge(tmp_path: Path, **config: Any) -> AsyncIterator[Edge]:
     """An edge app on 127.0.0.1 with staff, a menu, and no cloud or mDNS."""
     settings = EdgeConfig(
@@ -167,19 +179,11 @@ async def running_edge(tmp_path: Path, **config: Any) -> AsyncIterator[Edge]:
         mdns=MdnsSettings(enabled=False),
     )
     app = create_app(dataclasses.replace(settings, **config))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession() as http:
-            edge = Edge(f"http://127.0.0.1:{port}", app, http, tmp_path)
-            await edge.store.transaction(_seed_staff)
-            await seed_menu(edge.store)
-            yield edge
-    finally:
-        await runner.cleanup()
+    async with serving(app, access_log=None) as url, aiohttp.ClientSession() as http:
+        edge = Edge(url, app, http, tmp_path)
+        await edge.store.transaction(_seed_staff)
+        await seed_menu(edge.store)
+        yield edge
 
 
 def role_permissions(role: str, permissions: list[str]) -> tuple[str, str, Op, dict[str, Any]]:

@@ -21,7 +21,7 @@ from edge import store as edge_store
 from edge.api import OPERATIONS, audit
 from edge.api.auth import AUTHENTICATOR as AUTH
 
-from .api_harness import Edge, running_edge
+from .api_harness import Edge, running_edge, serving
 
 T = TypeVar("T")
 
@@ -308,18 +308,11 @@ def test_the_access_log_lists_all_requests_or_only_refused_failed_and_slow_ones(
         app = web.Application()
         app.router.add_get("/ok", ok)
         app.router.add_get("/slow", slow)
-        runner = web.AppRunner(app, **access_log_options(setting))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with aiohttp.ClientSession() as http:
-                for path in ("/ok", "/missing", "/slow"):
-                    async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
-                        await resp.read()
-        finally:
-            await runner.cleanup()
+        options = access_log_options(setting)
+        async with serving(app, **options) as url, aiohttp.ClientSession() as http:
+            for path in ("/ok", "/missing", "/slow"):
+                async with http.get(url + path) as resp:
+                    await resp.read()
 
     with caplog.at_level(logging.INFO, logger="aiohttp.access"):
         asyncio.run(body())
