@@ -181,8 +181,9 @@ def resolution_write(
                     ErrorCode.INVALID_RESOLUTION,
                     f"{name} is decided together with {', '.join(unnamed)}: name them too",
                 )
-    # The write sets whole groups: their columns outside the conflict were written alike on
-    # both sides (that is why they were not parked), so they keep the row's values.
+    # The write sets whole groups. A group is parked whole, so its columns are all named
+    # here; only a conflict parked before groups were decided as one lacks some, and those
+    # were written alike on both sides, so they keep the row's values.
     row = current.values if current is not None else {}
     for name in list(fields):
         for member in spec.group_of.get(name, ()):

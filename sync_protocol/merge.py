@@ -295,18 +295,23 @@ def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev:
     parked: list[str] = []
     any_concurrent = False
 
-    def decide(name: str, incoming: Value, present: Value) -> Decision:
+    def decide(names: tuple[str, ...], same: bool) -> Decision:
+        """One decision for a register: a column, ``EXISTS``, or a group taken as one."""
         nonlocal any_concurrent
-        version = current.version_of(name)
-        concurrent = row_concurrent if row_level else _concurrent(version, change)
-        if not concurrent:
+        versions = [current.version_of(name) for name in names]
+        concurrent = [v for v in versions if _concurrent(v, change)]
+        if not (row_concurrent if row_level else concurrent):
             return Decision.TAKE
-        if incoming == present and not row_level:
+        version = max(concurrent or versions, key=lambda v: (v.hlc, v.origin))
+        if same and not row_level:
             # Both sides wrote the same value: no conflict; the later version stands so
             # that the outcome does not depend on arrival order.
             return Decision.TAKE if _later(change, version) else Decision.KEEP
         any_concurrent = True
         return resolver(spec, change, version, row_concurrent)
+
+    grouped = spec.group_of
+    group_decisions: dict[tuple[str, ...], Decision] = {}
 
     for name, incoming in change.fields.items():
         column = spec.by_name[name]
@@ -325,7 +330,16 @@ def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev:
                 values[name] = merged
                 taken.append(name)
             continue
-        decision = decide(name, incoming, present)
+        group = grouped.get(name) if grouped else None
+        if group is None:
+            decision = decide((name,), incoming == present)
+        else:
+            # A group is one register: every column of it is taken, kept or parked alike,
+            # so its columns' versions stay in step and no merge splits a writer's set.
+            decision = group_decisions.get(group)  # type: ignore[assignment]
+            if decision is None:
+                same = all(change.fields[c] == values.get(c) for c in group)
+                decision = group_decisions[group] = decide(group, same)
         if decision is Decision.TAKE:
             values[name] = incoming
             taken.append(name)
@@ -335,7 +349,7 @@ def apply_change(spec: TableSpec, current: RowState | None, change: Change, rev:
     deleted = current.deleted
     alive = change.op is not Op.DELETE
     exists_parked = False
-    decision = decide(EXISTS, alive, not current.deleted)
+    decision = decide((EXISTS,), alive == (not current.deleted))
     if decision is Decision.TAKE:
         deleted = not alive
         taken.append(EXISTS)

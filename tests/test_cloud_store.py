@@ -403,8 +403,8 @@ def test_resolving_with_values_checks_them(pg_database: str) -> None:
 
 
 def test_a_parked_discount_is_decided_whole(pg_database: str) -> None:
-    """Under ``manual``, concurrent discounts park the columns they disagree on; a person
-    decides those as one, and the write keeps the group whole."""
+    """Under ``manual``, concurrent discounts park the whole discount, even the columns they
+    agree on; a person decides it as one, and the write keeps the group whole."""
     cloud_discount = (10, None, "vip", "mia", "mia")
     edge_discount = (None, 500, "vip", "sam", "mia")  # same reason and approver
 
@@ -425,16 +425,18 @@ def test_a_parked_discount_is_decided_whole(pg_database: str) -> None:
     async def body(store: CloudStore) -> None:
         site, node = await new_site(store)
         parked = await discounted(store, site, node, "o1")
-        assert set(parked["columns"]) == {"discount_percent", "discount_pence", "discounted_by"}
-        for part in ({"discount_percent": 15}, {"discount_percent": 15, "discount_pence": None}):
+        # the whole group is parked, the columns both sides agree on too
+        assert set(parked["columns"]) == set(DISCOUNT_COLUMNS)
+        chosen = {"discount_percent": 15, "discount_pence": None, "discounted_by": "ola"}
+        for part in ({"discount_percent": 15}, chosen):
             with pytest.raises(RemoteProtocolError) as info:
                 await store.resolve_conflict(site, parked["id"], "values", part)
             assert info.value.code is ErrorCode.INVALID_RESOLUTION
             assert "together" in info.value.message
         assert discount((await store.rows(site, "orders"))["o1"]) == cloud_discount
-        chosen = {"discount_percent": 15, "discount_pence": None, "discounted_by": "ola"}
-        conflict, _ = await store.resolve_conflict(site, parked["id"], "values", chosen)
         whole = (15, None, "vip", "ola", "mia")
+        chosen = dict(zip(DISCOUNT_COLUMNS, whole, strict=True))
+        conflict, _ = await store.resolve_conflict(site, parked["id"], "values", chosen)
         assert discount((await store.rows(site, "orders"))["o1"]) == whole
         assert conflict["resolution"]["values"] == dict(zip(DISCOUNT_COLUMNS, whole, strict=True))
         # choosing the edge's side writes its whole discount

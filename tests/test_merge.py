@@ -329,6 +329,32 @@ def test_concurrent_discounts_resolve_to_one_writers_whole_discount(
     assert final in {tuple(d[c] for c in DISCOUNT_COLUMNS) for d in discounts}
 
 
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_group_is_decided_as_one_even_where_some_of_its_values_agree(
+    strategy: Strategy,
+) -> None:
+    # Edge b gives 10% where the check has no discount, so its "no amount" agrees with the
+    # row's. Edge a, not having seen b's, then gives £5 off. Deciding the agreeing column on
+    # its own stamped it with b's version, so a's amount came back concurrent while the rest
+    # of a's discount was not, and the check ended with a's reason and no amount at all.
+    spec = ORDERS.with_strategy(strategy)
+    none = dict.fromkeys(DISCOUNT_COLUMNS)
+    state = order_row(rev=1, origin="edge-a", hlc=10, **none)
+    tenth = none | {"discount_percent": 10, "discount_reason": "vip", "discounted_by": "ann"}
+    fiver = none | {"discount_pence": 500, "discount_reason": "late food", "discounted_by": "bob"}
+    given = [tuple(d[c] for c in DISCOUNT_COLUMNS) for d in (none, tenth, fiver)]
+    steps = [edit(tenth, base=0, origin="edge-b", hlc=30), edit(fiver, base=1, hlc=20, seq=2)]
+    for rev, change in enumerate(steps, 2):
+        outcome = apply_change(spec, state, change, rev)
+        state = outcome.state
+        assert tuple(state.values[c] for c in DISCOUNT_COLUMNS) in given
+        assert len({state.version_of(c) for c in DISCOUNT_COLUMNS}) == 1, "versions split"
+        if outcome.conflict is not None:
+            assert set(outcome.conflict.columns) == set(DISCOUNT_COLUMNS)
+    if strategy is Strategy.MANUAL:
+        assert tuple(state.values[c] for c in DISCOUNT_COLUMNS) == given[2]
+
+
 def test_a_discount_is_written_whole_or_not_at_all() -> None:
     whole = dict.fromkeys(DISCOUNT_COLUMNS) | {"discount_pence": 500, "discount_reason": "vip"}
     for op in (Op.INSERT, Op.UPDATE):
