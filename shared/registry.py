@@ -13,7 +13,9 @@ Domain rules shipped here:
   all of them, so concurrent discounts merge to one writer's whole discount;
 - a kitchen ticket's ``voided`` is sticky; the items struck off it are rebuilt from the
   lines' own sticky voids whenever it is written or read (``edge.ticket_voids``);
-- stock counts are counters: changes carry deltas and concurrent deltas add up.
+- stock counts are counters: changes carry deltas and concurrent deltas add up;
+- payments, refunds and tills are ``manual`` whatever the configuration says
+  (``FIXED_STRATEGIES``): concurrent changes to money go to a person, never to a rule.
 """
 
 from __future__ import annotations
@@ -233,6 +235,107 @@ AUDIT_LOG = TableSpec(
     doc="Who did what on which device, before and after: a hash chain, add-only.",
 )
 
+PAYMENTS = TableSpec(
+    "payments",
+    (
+        Column("order_id", TEXT, Merge.IMMUTABLE),
+        Column("business_day", TEXT, Merge.IMMUTABLE, doc="the trading day it was taken on"),
+        Column("tender", TEXT, Merge.IMMUTABLE, doc="bank, card, apple_pay or cash"),
+        Column("amount_pence", INT, Merge.IMMUTABLE, doc="what it pays off the check"),
+        Column("tip_pence", INT, Merge.IMMUTABLE, default=0),
+        Column("tip_employee_id", TEXT, Merge.IMMUTABLE, doc="who the tip is for"),
+        Column("surcharge_pence", INT, Merge.IMMUTABLE, default=0, doc="fees passed on"),
+        Column("charged_pence", INT, Merge.IMMUTABLE, doc="amount + tip + surcharge"),
+        Column("provider_fee_pence", INT, Merge.IMMUTABLE, default=0),
+        Column("platform_fee_pence", INT, Merge.IMMUTABLE, default=0),
+        Column("tendered_pence", INT, Merge.IMMUTABLE, doc="cash handed over"),
+        Column("change_pence", INT, Merge.IMMUTABLE, default=0, doc="cash given back"),
+        Column("till_id", TEXT, Merge.IMMUTABLE, doc="the cash drawer, for cash"),
+        Column("taken_by", TEXT, Merge.IMMUTABLE),
+        Column("created_at_ms", INT, Merge.IMMUTABLE),
+        # The till's record, written by the edge only:
+        Column("status", TEXT, doc="a shared.payment_states.PaymentState: what the till counts"),
+        Column("completed_at_ms", INT),
+        Column("failure_code", TEXT),
+        # The provider's record, written by the cloud only (it holds the provider's keys):
+        Column("provider_ref", TEXT, doc="the provider's id for it"),
+        Column("provider_state", TEXT, doc="a PaymentState, as the provider last reported"),
+        Column("action_url", TEXT, doc="the bank's pay page (the QR), or a 3-D Secure page"),
+        Column("expires_at_ms", INT, doc="when the provider gives up on it"),
+        Column("provider_failure", TEXT, doc="the provider's reason for a failure"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.MANUAL,
+    doc="Payment attempts; the row id is the provider's idempotency key. The edge writes the "
+    "till's columns and the cloud the provider's, so the two never race on one; a change to "
+    "the same column on both sides is parked for a person. Never auto-merged.",
+)
+
+REFUNDS = TableSpec(
+    "refunds",
+    (
+        Column("payment_id", TEXT, Merge.IMMUTABLE),
+        Column("order_id", TEXT, Merge.IMMUTABLE),
+        Column("business_day", TEXT, Merge.IMMUTABLE),
+        Column("tender", TEXT, Merge.IMMUTABLE),
+        Column("amount_pence", INT, Merge.IMMUTABLE),
+        Column("reason", TEXT, Merge.IMMUTABLE),
+        Column("requested_by", TEXT, Merge.IMMUTABLE),
+        Column("approved_by", TEXT, Merge.IMMUTABLE, doc="the manager, above the threshold"),
+        Column("till_id", TEXT, Merge.IMMUTABLE, doc="the drawer cash came out of"),
+        Column("created_at_ms", INT, Merge.IMMUTABLE),
+        Column("status", TEXT, doc="pending, succeeded or failed (the edge's record)"),
+        Column("completed_at_ms", INT),
+        Column("failure_code", TEXT),
+        Column("provider_ref", TEXT, doc="the provider's id for it (written by the cloud)"),
+        Column("provider_state", TEXT, doc="pending, succeeded or failed, per the provider"),
+    ),
+    author=Author.BOTH,
+    strategy=Strategy.MANUAL,
+    doc="Money given back against a payment; never more than it took. Never auto-merged.",
+)
+
+TILLS = TableSpec(
+    "tills",
+    (
+        Column("name", TEXT, Merge.IMMUTABLE, doc="the drawer, e.g. 'Bar'"),
+        Column("business_day", TEXT, Merge.IMMUTABLE),
+        Column("float_pence", INT, Merge.IMMUTABLE, doc="cash it opened with"),
+        Column("opened_by", TEXT, Merge.IMMUTABLE),
+        Column("opened_at_ms", INT, Merge.IMMUTABLE),
+        Column("closed_by", TEXT),
+        Column("closed_at_ms", INT),
+        Column("expected_pence", INT, doc="cash there should be, at the close"),
+        Column("counted_pence", INT, doc="cash counted at the close"),
+    ),
+    author=Author.EDGE,
+    strategy=Strategy.MANUAL,
+    doc="A cash drawer's session, from its float to its count.",
+)
+
+TILL_MOVEMENTS = TableSpec(
+    "till_movements",
+    (
+        Column("till_id", TEXT, Merge.IMMUTABLE),
+        Column("kind", TEXT, Merge.IMMUTABLE, doc="paid_in or paid_out"),
+        Column("amount_pence", INT, Merge.IMMUTABLE),
+        Column("reason", TEXT, Merge.IMMUTABLE),
+        Column("employee_id", TEXT, Merge.IMMUTABLE),
+        Column("at_ms", INT, Merge.IMMUTABLE),
+    ),
+    author=Author.EDGE,
+    strategy=Strategy.SMART_MERGE,
+    add_only=True,
+    doc="Cash put into or taken out of a drawer other than by a sale or a refund.",
+)
+
+#: tables whose strategy configuration may not change: money is never merged by a rule
+FIXED_STRATEGIES: dict[str, Strategy] = {
+    "payments": Strategy.MANUAL,
+    "refunds": Strategy.MANUAL,
+    "tills": Strategy.MANUAL,
+}
+
 TABLES: tuple[TableSpec, ...] = (
     MENU_CATEGORIES,
     MENU_ITEMS,
@@ -245,6 +348,10 @@ TABLES: tuple[TableSpec, ...] = (
     ROLES,
     EMPLOYEES,
     AUDIT_LOG,
+    PAYMENTS,
+    REFUNDS,
+    TILLS,
+    TILL_MOVEMENTS,
 )
 
 
@@ -273,4 +380,9 @@ def parse_strategies(text: str) -> dict[str, Strategy]:
             raise ValueError(
                 f"strategies: unknown strategy {name!r} for {table} (one of {choices})"
             ) from None
+        fixed = FIXED_STRATEGIES.get(table)
+        if fixed is not None and out[table] is not fixed:
+            raise ValueError(
+                f"strategies: {table} is always {fixed.value}: money is never merged by a rule"
+            )
     return out

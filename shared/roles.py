@@ -30,10 +30,14 @@ class Permission(StrEnum):
     DEVICE_MANAGE = "device.manage"  # pairing codes, revoking devices
     AUDIT_VIEW = "audit.view"
     APPROVE = "approve"  # lend an approvable permission with one's PIN
+    PAYMENT_TAKE = "payment.take"  # take payments on a check
+    PAYMENT_REFUND = "payment.refund"  # refund up to the site's approval threshold
+    PAYMENT_REFUND_LARGE = "payment.refund_large"  # above it: manager approval
+    TILL_MANAGE = "till.manage"  # open and close drawers, pay in and out
 
 
 APPROVABLE: frozenset[Permission] = frozenset(
-    {Permission.ORDER_VOID_SENT, Permission.ORDER_DISCOUNT}
+    {Permission.ORDER_VOID_SENT, Permission.ORDER_DISCOUNT, Permission.PAYMENT_REFUND_LARGE}
 )
 
 _SERVER = frozenset(
@@ -45,6 +49,8 @@ _SERVER = frozenset(
         Permission.ORDER_CLOSE,
         Permission.ORDER_VIEW,
         Permission.MENU_VIEW,
+        Permission.PAYMENT_TAKE,
+        Permission.PAYMENT_REFUND,
     }
 )
 
@@ -53,7 +59,10 @@ DEFAULT_ROLES: dict[str, tuple[str, frozenset[Permission]]] = {
     "owner": ("Owner", frozenset(Permission)),
     "manager": ("Manager", frozenset(Permission)),
     "server": ("Server", _SERVER),
-    "bartender": ("Bartender", _SERVER | {Permission.MENU_86, Permission.KITCHEN_BUMP}),
+    "bartender": (
+        "Bartender",
+        _SERVER | {Permission.MENU_86, Permission.KITCHEN_BUMP, Permission.TILL_MANAGE},
+    ),
     "kitchen": (
         "Kitchen",
         frozenset(

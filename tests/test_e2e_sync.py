@@ -433,3 +433,41 @@ def test_a_database_locked_by_another_process_delays_the_push_and_loses_nothing(
             await f.assert_converged([edge])
 
     asyncio.run(body())
+
+
+# -- payments sync, and are never merged by a rule ------------------------------------------
+
+
+def test_payments_sync_and_concurrent_changes_to_one_go_to_a_person(
+    tmp_path: Path, pg_database: str
+) -> None:
+    async def body() -> None:
+        # Even a fleet configured with smart_merge elsewhere keeps money manual.
+        async with fleet(pg_database, tmp_path, {"orders": "smart_merge"}) as f:
+            site = await f.cloud.add_site("Harbour")
+            edge = await f.add_edge(site)
+            await edge.write("orders", "o1", "insert", order_fields(1))
+            payment = {
+                "order_id": "o1", "business_day": DAY, "tender": "card", "amount_pence": 2500,
+                "tip_pence": 250, "charged_pence": 2750, "status": "pending",
+                "provider_ref": "pi_1",
+            }  # fmt: skip
+            await edge.write("payments", "pay_1", "insert", payment)
+            await f.drain()
+            assert (await f.cloud.rows(site, "payments"))["pay_1"]["charged_pence"] == 2750
+            # Apart: the provider's webhook says it failed; the edge's poll saw it succeed.
+            await f.cloud.write(site, ("payments", "pay_1", "update", {"status": "failed"}))
+            await edge.write("payments", "pay_1", "update", {"status": "succeeded"})
+            await f.drain()
+            [parked] = [c for c in await f.cloud.conflicts(site) if c["table"] == "payments"]
+            assert parked["pk"] == "pay_1" and parked["columns"] == ["status"]
+            assert (parked["local"], parked["remote"]) == (
+                {"status": "succeeded"}, {"status": "failed"},
+            )  # fmt: skip
+            assert (await f.cloud.rows(site, "payments"))["pay_1"]["status"] == "failed"
+            await f.cloud.resolve(site, parked["id"], "local")
+            await f.drain()
+            assert (await edge.rows("payments"))["pay_1"]["status"] == "succeeded"
+            await f.assert_converged()
+
+    asyncio.run(body())

@@ -402,7 +402,7 @@ def test_database_of_another_node_is_refused(tmp_path: Path) -> None:
 
 
 def test_new_registry_columns_and_tables_are_added(tmp_path: Path) -> None:
-    extra = TableSpec("tills", (Column("name", ColumnType.TEXT),))
+    extra = TableSpec("gift_cards", (Column("name", ColumnType.TEXT),))
     stock = STOCK_LEVELS
     grown = TableSpec(stock.name, (*stock.columns, Column("bin", ColumnType.TEXT)))
 
@@ -412,9 +412,9 @@ def test_new_registry_columns_and_tables_are_added(tmp_path: Path) -> None:
         registry = Registry([*(t for t in TABLES if t is not STOCK_LEVELS), grown, extra])
         async with await open_store(tmp_path, registry=registry) as store:
             await store.write("stock_levels", "s", Op.UPDATE, {"bin": "A3"})
-            await store.write("tills", "t1", Op.INSERT, {"name": "Bar"})
+            await store.write("gift_cards", "t1", Op.INSERT, {"name": "Bar"})
             assert await store.get("stock_levels", "s") == {**STOCK, "on_hand": 1, "bin": "A3"}
-            assert await store.get("tills", "t1") == {"name": "Bar"}
+            assert await store.get("gift_cards", "t1") == {"name": "Bar"}
 
     run(body)
 
@@ -862,7 +862,7 @@ def test_a_write_past_the_size_cap_is_refused_whole_and_the_store_goes_on(
         raise AssertionError("the cap was never reached")
 
     async def body() -> None:
-        store = await EdgeStore.open(db, default_registry(), SITE, NODE, max_db_bytes=256 * 1024)
+        store = await EdgeStore.open(db, default_registry(), SITE, NODE, max_db_bytes=384 * 1024)
         async with store:
             written, refused = await fill(store)
             assert refused.code is EdgeErrorCode.STORAGE_FULL, refused
