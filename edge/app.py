@@ -21,10 +21,15 @@ from aiohttp.log import access_logger as aiohttp_access_logger
 from shared.registry import default_registry
 from sync_protocol.schema import Registry
 
+from . import payments
 from .api import LIVE_TABLES, error_middleware, setup_api
+from .api.auth import new_id
+from .api.payment_routes import GATEWAY, POLICY, send_refund
 from .api.routing import MAX_BODY, ApiRoutes, Auth, Ctx
 from .config import EdgeConfig
 from .mdns import mdns_ctx
+from .payment_gateway import CloudPayments, PaymentWatcher
+from .payments import PaymentPolicy
 from .state import StoreStatus
 from .store import EdgeStore, wall_clock_ms
 from .uplink import Uplink, UplinkStatus
@@ -33,6 +38,7 @@ CONFIG_KEY = web.AppKey("config", EdgeConfig)
 REGISTRY_KEY = web.AppKey("registry", Registry)
 STORE_KEY = web.AppKey("store", EdgeStore)
 UPLINK_KEY = web.AppKey("uplink", Uplink)
+WATCHER_KEY = web.AppKey("payment_watcher", PaymentWatcher)
 
 sync_routes = ApiRoutes("sync")
 
@@ -178,13 +184,39 @@ async def _uplink_ctx(app: web.Application) -> AsyncIterator[None]:
     if not config.uplink_enabled:
         yield
         return
-    uplink = Uplink(app[STORE_KEY], config.cloud.url, config.cloud.token, config.sync)
+    store = app[STORE_KEY]
+    uplink = Uplink(store, config.cloud.url, config.cloud.token, config.sync)
     await uplink.start()
     app[UPLINK_KEY] = uplink
+    gateway = app[GATEWAY] = CloudPayments(
+        config.cloud.url, config.cloud.token, online=lambda: uplink.status().online
+    )
+    watcher = app[WATCHER_KEY] = payment_watcher(store, gateway)
+    await watcher.start()
     try:
         yield
     finally:
+        await watcher.stop()
+        await gateway.close()
         await uplink.stop()
+
+
+def payment_watcher(store: EdgeStore, gateway: CloudPayments, **options: Any) -> PaymentWatcher:
+    """The watcher that settles this edge's card and bank payments (``edge.payment_gateway``)."""
+
+    async def settle(payment_id: str) -> list[str]:
+        refund_id = new_id("ref")
+        return await store.transaction(lambda tx: payments.settle(tx, payment_id, refund_id))
+
+    async def abandon(payment_id: str) -> None:
+        await store.transaction(
+            lambda tx: payments.end_attempt(tx, payment_id, "failed", "abandoned")
+        )
+
+    async def refund(refund_id: str) -> None:
+        await send_refund(store, gateway, refund_id)
+
+    return PaymentWatcher(store, gateway, settle, refund, abandon, **options)
 
 
 def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Application:
@@ -194,6 +226,11 @@ def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Appl
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = config.registry(registry or default_registry())
+    app[POLICY] = PaymentPolicy(
+        config.payments.fees(),
+        config.payments.gratuity(),
+        config.payments.refund_approval_above_pence,
+    )
     setup_api(app, STORE_KEY, extra=[sync_routes])
     # Order matters: the store opens before the uplink and closes after it.
     app.cleanup_ctx.insert(0, _store_ctx)

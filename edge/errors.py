@@ -102,6 +102,17 @@ class ApiCode(StrEnum):
     INVALID_TRANSITION = "invalid_transition"
     ITEM_UNAVAILABLE = "item_unavailable"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    OVERPAYMENT = "overpayment"
+    INSUFFICIENT_TENDER = "insufficient_tender"
+    INVALID_TIP = "invalid_tip"
+    TENDER_UNAVAILABLE = "tender_unavailable"
+    REFUND_EXCEEDS_PAYMENT = "refund_exceeds_payment"
+    TILL_NOT_OPEN = "till_not_open"
+    TILL_ALREADY_OPEN = "till_already_open"
+    INSUFFICIENT_CASH = "insufficient_cash"
+    BALANCE_DUE = "balance_due"
+    PAYMENTS_OFFLINE = "payments_offline"
+    PAYMENT_DECLINED = "payment_declined"
     INTERNAL = "internal_error"
 
 
@@ -131,6 +142,21 @@ API_ERRORS: dict[ApiCode, ErrorInfo] = {
     ApiCode.IDEMPOTENCY_KEY_REUSED: ErrorInfo(
         422, "the idempotency key was used for another request"
     ),
+    ApiCode.OVERPAYMENT: ErrorInfo(409, "the payment is more than the balance due"),
+    ApiCode.INSUFFICIENT_TENDER: ErrorInfo(409, "the cash handed over does not cover it"),
+    ApiCode.INVALID_TIP: ErrorInfo(409, "the site does not take this tip"),
+    ApiCode.TENDER_UNAVAILABLE: ErrorInfo(409, "this way of paying is not available here now"),
+    ApiCode.REFUND_EXCEEDS_PAYMENT: ErrorInfo(
+        409, "the refund is more than what is left of the payment"
+    ),
+    ApiCode.TILL_NOT_OPEN: ErrorInfo(409, "the till is not open"),
+    ApiCode.TILL_ALREADY_OPEN: ErrorInfo(409, "a till of that name is already open"),
+    ApiCode.INSUFFICIENT_CASH: ErrorInfo(409, "the till does not hold that much cash"),
+    ApiCode.BALANCE_DUE: ErrorInfo(409, "payments do not cover the check exactly"),
+    ApiCode.PAYMENTS_OFFLINE: ErrorInfo(
+        503, "card and bank payments need the cloud, which is out of reach: take cash"
+    ),
+    ApiCode.PAYMENT_DECLINED: ErrorInfo(402, "the payment provider refused the payment"),
     ApiCode.INTERNAL: ErrorInfo(500, "the edge failed unexpectedly"),
 }
 

@@ -14,10 +14,11 @@ clock, shifted so that the day starts at ``DAY_STARTS_AT`` (04:00): a check open
 belongs to the evening before. The first check of a day starts after the highest number any
 order of that day already has (an edge rebuilt from the cloud never reuses one).
 
-Closing. Payments do not exist yet: an order closes from ``paid``, or straight from open or
-fired when nothing is left to pay (every line voided, no lines at all, or a discount that
-takes the whole subtotal). Any other close is ``409 invalid_transition`` saying what is
-still due.
+Closing. An order closes when its payments (``edge.payments``) cover its total exactly:
+from ``paid``, or straight from open or fired when nothing is left to pay (every line voided,
+no lines at all, a discount that takes the whole subtotal, or payments that already match a
+total voids brought down). Otherwise the close is ``409 balance_due`` saying what is still
+due, or what was paid beyond the total and must be refunded first.
 
 Discounts. A check carries at most one discount (``set_discount``): a whole percentage of the
 subtotal, or a fixed amount off it, with a reason, who gave it and who approved it (the
@@ -224,22 +225,41 @@ def transfer(tx: Tx, order_id: str, to: Transfer, if_match: str | None) -> Order
     return _change_header(tx, order_id, fields, if_match, "transfer the order")
 
 
+#: what succeeded payments paid off a check, less what refunds gave back of it
+NET_PAID_SQL = """
+SELECT coalesce(sum(p.amount_pence - min(p.amount_pence, coalesce(r.back, 0))), 0)
+FROM payments p
+LEFT JOIN (SELECT payment_id, sum(amount_pence) AS back FROM refunds
+           WHERE status IN ('pending', 'succeeded') GROUP BY payment_id) r
+  ON r.payment_id = p.id
+WHERE p.order_id = ? AND p.status = 'succeeded'
+"""
+
+
+def net_paid(tx: Tx, order_id: str) -> int:
+    """Pence paid off the check by payments, less what refunds gave back of them."""
+    return int(tx.one(NET_PAID_SQL, (order_id,))[0])
+
+
 def close_order(tx: Tx, order_id: str) -> OrderView:
-    """Close a paid order, or one with nothing left to pay."""
+    """Close an order whose payments cover its total exactly (none: nothing to pay)."""
     order = load(tx, order_id)
-    if status_of(order) in EDITABLE:
+    status = status_of(order)
+    if status in EDITABLE or status is OrderStatus.PAID:
         totals = summary(tx, order_id).totals
-        if totals.total_pence > 0:
-            between: dict[str, object] = {
-                "from": str(status_of(order)),
-                "to": OrderStatus.CLOSED.value,
-            }
+        due = totals.total_pence - net_paid(tx, order_id)
+        if due:
+            between: dict[str, object] = {"from": str(status), "to": OrderStatus.CLOSED.value}
+            if due > 0:
+                why = f"{due} pence of {totals.total_pence} still needs payment (or a void)"
+            else:
+                why = f"{-due} pence was paid beyond the total: refund it first"
             raise ApiError(
-                ApiCode.INVALID_TRANSITION,
-                f"cannot close: {totals.line_count} line(s) for {totals.total_pence} pence"
-                " need payment (or a void)",
+                ApiCode.BALANCE_DUE,
+                f"cannot close: {why}",
                 order_id=order_id,
-                due_pence=totals.total_pence,
+                due_pence=max(due, 0),
+                refund_due_pence=max(-due, 0),
                 **between,
             )
     move(tx, order, OrderStatus.CLOSED, closed_at_ms=tx.now_ms)

@@ -142,9 +142,9 @@ def test_the_whole_flow_from_open_to_close(tmp_path: Path) -> None:
             "POST", f"{ORDERS}/{oid}/transfer", till.headers("sam"), json={"table_name": "T9"}
         )
         assert got == 200 and moved["table_name"] == "T9"
-        # Payments do not exist yet: an order with something to pay cannot close.
+        # Nothing paid yet: an order with something to pay cannot close.
         got, refused, _ = await edge.call("POST", f"{ORDERS}/{oid}/close", till.headers("sam"))
-        assert (got, code(refused)) == (409, "invalid_transition")
+        assert (got, code(refused)) == (409, "balance_due")
         assert refused["error"]["details"]["due_pence"] == 3900
         for line in moved["lines"]:  # mia voids everything (fired lines need her)
             got, _, _ = await edge.call(

@@ -23,6 +23,7 @@ from .kitchen_routes import routes as kitchen_routes
 from .live import HUB, setup_live
 from .menu_routes import routes as menu_routes
 from .order_routes import routes as order_routes
+from .payment_routes import routes as payment_routes
 from .people_routes import routes as people_routes
 from .routing import STORE, ApiRoutes, Operation, add_routes
 from .session_routes import routes as session_routes
@@ -38,6 +39,9 @@ LIVE_TABLES = (
     "tickets",
     "employees",
     "roles",
+    "payments",
+    "refunds",
+    "tills",
 )
 
 GROUPS: list[ApiRoutes] = [
@@ -45,6 +49,7 @@ GROUPS: list[ApiRoutes] = [
     people_routes,
     menu_routes,
     order_routes,
+    payment_routes,
     audit_routes,
     kitchen_routes,
 ]

@@ -291,7 +291,7 @@ async def remove_discount(ctx: Ctx) -> OrderView:
     summary="Close the order: once paid, or when nothing is left to pay",
     response=OrderView,
     permission=Permission.ORDER_CLOSE,
-    errors=_CHANGE,
+    errors=(*_CHANGE, ApiCode.BALANCE_DUE),
 )
 async def close_order(ctx: Ctx) -> OrderView:
     """Close an order."""

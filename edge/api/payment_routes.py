@@ -1,0 +1,422 @@
+"""Payments for the tablets: the checkout sheet, splits, payments, refunds, and cash tills.
+
+Each route runs one domain function of ``edge.payments`` or ``edge.tills`` in one store
+transaction (``ctx.mutate``: synced, audited, idempotent under ``Idempotency-Key``, so a
+tablet that lost the answer to a payment retries it without taking the money twice). The
+site's payment rules (``PaymentPolicy``: fees, tips, the refund threshold) come from the
+edge's ``[payments]`` settings. A refund above the threshold needs ``payment.refund_large``,
+which a server borrows with a manager's ``X-Fynlo-Approval``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+from typing import Annotated
+
+import msgspec
+import qrcode
+from aiohttp import web
+from msgspec import Meta
+from qrcode.image.pure import PyPNGImage
+from qrcode.image.svg import SvgPathImage
+
+from shared.roles import Permission
+
+from .. import payments, tills
+from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused, wait_pushed
+from ..payments import (
+    Checkout,
+    NewPayment,
+    NewRefund,
+    PaymentPolicy,
+    PaymentView,
+    Split,
+    SplitRequest,
+)
+from ..store import EdgeStore
+from ..tills import CloseTill, Movement, OpenTill, TillList, TillSummary
+from .auth import new_id
+from .errors import ApiCode, ApiError
+from .routing import ApiRoutes, Ctx
+
+routes = ApiRoutes("payments")
+
+#: the site's payment rules, set by the app from its config (the defaults otherwise)
+POLICY = web.AppKey("payment_policy", PaymentPolicy)
+#: the cloud's payment endpoints (absent: no cloud configured, so cash only)
+GATEWAY = web.AppKey("payment_gateway", CloudPayments)
+
+_FOUND = (ApiCode.NOT_FOUND,)
+_PAY = (
+    ApiCode.NOT_FOUND,
+    ApiCode.INVALID_TRANSITION,
+    ApiCode.OVERPAYMENT,
+    ApiCode.INSUFFICIENT_TENDER,
+    ApiCode.INVALID_TIP,
+    ApiCode.TENDER_UNAVAILABLE,
+    ApiCode.TILL_NOT_OPEN,
+    ApiCode.PAYMENTS_OFFLINE,
+    ApiCode.PAYMENT_DECLINED,
+)
+_REFUND = (
+    ApiCode.NOT_FOUND,
+    ApiCode.INVALID_TRANSITION,
+    ApiCode.REFUND_EXCEEDS_PAYMENT,
+    ApiCode.TENDER_UNAVAILABLE,
+    ApiCode.TILL_NOT_OPEN,
+    ApiCode.INSUFFICIENT_CASH,
+    ApiCode.APPROVAL_REQUIRED,
+    ApiCode.APPROVAL_INVALID,
+)
+
+
+def _policy(ctx: Ctx) -> PaymentPolicy:
+    return ctx.request.app.get(POLICY) or PaymentPolicy()
+
+
+def _employee(ctx: Ctx) -> str:
+    assert ctx.employee_id is not None  # EMPLOYEE routes always have one
+    return ctx.employee_id
+
+
+class TillQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which tills: of a business day (ISO date), and/or open or closed ones."""
+
+    business_day: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")] | None = None
+    status: Annotated[str, Meta(pattern=r"^(open|closed)$")] | None = None
+
+
+@routes.route(
+    "GET",
+    "/v1/orders/{order_id}/checkout",
+    summary="The check at the till: total, paid, balance, each tender's cost, tip presets",
+    response=Checkout,
+    permission=Permission.PAYMENT_TAKE,
+    errors=_FOUND,
+)
+async def get_checkout(ctx: Ctx) -> Checkout:
+    """The order's checkout sheet."""
+    order_id, policy = ctx.params["order_id"], _policy(ctx)
+    return await ctx.store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
+
+
+@routes.route(
+    "POST",
+    "/v1/orders/{order_id}/split",
+    summary="Split the balance evenly, by items, by seat or by amounts (parts sum exactly)",
+    body=SplitRequest,
+    response=Split,
+    permission=Permission.PAYMENT_TAKE,
+    errors=_FOUND,
+)
+async def split_check(ctx: Ctx, body: SplitRequest) -> Split:
+    """Parts of the balance for the guests to pay (nothing is written)."""
+    order_id = ctx.params["order_id"]
+    return await ctx.store.transaction(lambda tx: payments.split(tx, order_id, body))
+
+
+@routes.route(
+    "POST",
+    "/v1/orders/{order_id}/payments",
+    summary="Take a payment against the balance (cash into a till; a tip on top)",
+    body=NewPayment,
+    response=Checkout,
+    status=201,
+    permission=Permission.PAYMENT_TAKE,
+    errors=_PAY,
+)
+async def take_payment(ctx: Ctx, body: NewPayment) -> Checkout:
+    """Take a payment: cash at once; card and bank through the cloud's providers."""
+    order_id, who, policy = ctx.params["order_id"], _employee(ctx), _policy(ctx)
+    gateway = ctx.request.app.get(GATEWAY)
+    local = body.tender == "cash"
+    if not local and gateway is not None and not gateway.online():
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE)
+    payment_id = new_id("pay")
+    sheet = await ctx.mutate(
+        lambda tx: payments.take_payment(
+            tx, order_id, body, who, payment_id, policy, providers=gateway is not None
+        )
+    )
+    if local or gateway is None:
+        return sheet
+    started = next((p for p in sheet.payments if p.id == payment_id), None)
+    if started is None or started.status != "pending":
+        return sheet  # an Idempotency-Key replay of an attempt already under way
+    return await _ask_provider(ctx, gateway, order_id, payment_id, policy, body.payment_method)
+
+
+async def _ask_provider(
+    ctx: Ctx,
+    gateway: CloudPayments,
+    order_id: str,
+    payment_id: str,
+    policy: PaymentPolicy,
+    payment_method: str | None,
+) -> Checkout:
+    """Have the cloud's provider take a pending attempt; give it up if that cannot be done."""
+    store = ctx.store
+
+    async def give_up(state: str, code: str) -> None:
+        await store.transaction(lambda tx: payments.end_attempt(tx, payment_id, state, code))
+
+    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
+        await give_up("failed", "offline")
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE)
+    order = await store.get("orders", order_id) or {}
+    currency = str(order.get("currency") or "GBP")
+    description = f"Check {order.get('check_number')!s}"
+    try:
+        answer = await gateway.create(payment_id, currency, description, payment_method)
+    except GatewayOffline:
+        await give_up("failed", "offline")
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE) from None
+    except GatewayRefused as refused:
+        code = str(refused.details.get("provider_code") or refused.code)
+        await give_up("failed", code)
+        raise ApiError(ApiCode.PAYMENT_DECLINED, refused.message, reason=code) from None
+    if answer.get("state") in ("failed", "cancelled", "expired"):
+        await give_up(str(answer["state"]), str(answer.get("failure_code") or answer["state"]))
+    sheet = await store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
+    # The provider's columns reach this edge by sync a moment later: show its answer now.
+    return msgspec.structs.replace(
+        sheet,
+        payments=[
+            msgspec.structs.replace(
+                p,
+                provider_state=answer.get("state") or p.provider_state,
+                action_url=answer.get("action_url") or p.action_url,
+                expires_at_ms=answer.get("expires_at_ms") or p.expires_at_ms,
+            )
+            if p.id == payment_id
+            else p
+            for p in sheet.payments
+        ],
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/payments/{payment_id}",
+    summary="One payment, with what was refunded of it",
+    response=PaymentView,
+    permission=Permission.PAYMENT_TAKE,
+    errors=_FOUND,
+)
+async def get_payment(ctx: Ctx) -> PaymentView:
+    """One payment."""
+    payment_id = ctx.params["payment_id"]
+    return await ctx.store.transaction(lambda tx: payments.payment(tx, payment_id))
+
+
+@routes.route(
+    "POST",
+    "/v1/payments/{payment_id}/refunds",
+    summary="Refund part or all of a payment; above the site's threshold, "
+    "payment.refund_large or a manager's approval",
+    body=NewRefund,
+    response=Checkout,
+    status=201,
+    permission=Permission.PAYMENT_REFUND,
+    errors=_REFUND,
+)
+async def refund_payment(ctx: Ctx, body: NewRefund) -> Checkout:
+    """Refund a payment: cash from a till at once; card and bank money by the provider."""
+    payment_id, who, policy = ctx.params["payment_id"], _employee(ctx), _policy(ctx)
+    if payments.refund_needs_approval(body.amount_pence, policy):
+        ctx.require(Permission.PAYMENT_REFUND_LARGE)  # spends an approval if one is needed
+    gateway = ctx.request.app.get(GATEWAY)
+    refund_id = new_id("ref")
+    online = gateway is not None and gateway.online()
+    sheet = await ctx.mutate(
+        lambda tx: payments.refund(
+            tx, payment_id, body, who, ctx.approved_by, refund_id, policy, providers=online
+        )
+    )
+    mine = next((r for r in sheet.refunds if r.id == refund_id), None)
+    if gateway is None or mine is None or mine.status != "pending":
+        return sheet
+    try:
+        await send_refund(ctx.store, gateway, refund_id)
+    except GatewayOffline:
+        pass  # it stays pending; the payment watcher sends it again
+    return await ctx.store.transaction(lambda tx: payments.checkout(tx, sheet.order_id, policy))
+
+
+async def send_refund(store: EdgeStore, gateway: CloudPayments, refund_id: str) -> None:
+    """Have the provider carry out a pending refund and record what it did (``GatewayOffline``
+    when the cloud is out of reach: it stays pending, to be sent again)."""
+    refund = await store.get("refunds", refund_id)
+    if refund is None or refund.get("status") != "pending":
+        return
+    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
+        raise GatewayOffline("the refund did not reach the cloud")
+    try:
+        answer = await gateway.refund(
+            refund_id,
+            str(refund["payment_id"]),
+            str(refund["tender"]),
+            int(refund["amount_pence"] or 0),
+        )
+        state, code = str(answer.get("state")), None
+    except GatewayRefused as refused:
+        state, code = "failed", str(refused.details.get("provider_code") or refused.code)
+    await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, state, code))
+
+
+@routes.route(
+    "POST",
+    "/v1/payments/{payment_id}/cancel",
+    summary="Cancel a card or bank payment still waiting for the guest",
+    response=PaymentView,
+    permission=Permission.PAYMENT_TAKE,
+    errors=(ApiCode.NOT_FOUND, ApiCode.INVALID_TRANSITION, ApiCode.PAYMENTS_OFFLINE),
+)
+async def cancel_payment(ctx: Ctx) -> PaymentView:
+    """Cancel a pending attempt at its provider (a payment that completed first stands)."""
+    payment_id, store = ctx.params["payment_id"], ctx.store
+    gateway = ctx.request.app.get(GATEWAY)
+    current = await store.transaction(lambda tx: payments.payment(tx, payment_id))
+    if current.status != "pending" or gateway is None:
+        raise ApiError(
+            ApiCode.INVALID_TRANSITION,
+            f"a {current.status} payment cannot be cancelled",
+            payment_id=payment_id,
+        )
+    try:
+        answer = await gateway.cancel(payment_id, current.tender)
+    except GatewayOffline:
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE) from None
+    except GatewayRefused as refused:
+        if refused.code != "unknown_payment":
+            raise ApiError(ApiCode.INVALID_TRANSITION, refused.message) from None
+        answer = {"state": "cancelled"}  # the provider never had it: nothing to stop
+    state = str(answer.get("state"))
+    if state in ("cancelled", "failed", "expired"):
+        await store.transaction(lambda tx: payments.end_attempt(tx, payment_id, state, None))
+    return await store.transaction(lambda tx: payments.payment(tx, payment_id))
+
+
+class QrCode(msgspec.Struct, frozen=True):
+    """A payment's page as a QR code for the guest's phone: SVG text and PNG bytes."""
+
+    payment_id: str
+    url: str
+    svg: str
+    png_base64: str
+
+
+@routes.route(
+    "GET",
+    "/v1/payments/{payment_id}/qr",
+    summary="The QR code the guest scans to pay by bank (SVG and PNG)",
+    response=QrCode,
+    permission=Permission.PAYMENT_TAKE,
+    errors=(ApiCode.NOT_FOUND, ApiCode.INVALID_TRANSITION),
+)
+async def payment_qr(ctx: Ctx) -> QrCode:
+    """The pay page of a pending bank payment, as a QR code."""
+    payment_id, store = ctx.params["payment_id"], ctx.store
+    current = await store.transaction(lambda tx: payments.payment(tx, payment_id))
+    url = current.action_url
+    gateway = ctx.request.app.get(GATEWAY)
+    if url is None and gateway is not None and current.status == "pending":
+        with contextlib.suppress(GatewayOffline, GatewayRefused):
+            url = (await gateway.read(payment_id, current.tender)).get("action_url")
+    if current.status != "pending" or not url:
+        raise ApiError(
+            ApiCode.INVALID_TRANSITION,
+            f"a {current.status} payment has no page to pay on",
+            payment_id=payment_id,
+        )
+    svg, png = qr_images(url)
+    return QrCode(payment_id, url, svg, base64.b64encode(png).decode("ascii"))
+
+
+def qr_images(url: str) -> tuple[str, bytes]:
+    """``url`` as a QR code: SVG text and PNG bytes."""
+    out = []
+    for factory in (SvgPathImage, PyPNGImage):
+        buffer = io.BytesIO()
+        qrcode.make(url, image_factory=factory, border=2).save(buffer)
+        out.append(buffer.getvalue())
+    return out[0].decode("utf-8"), out[1]
+
+
+@routes.route(
+    "POST",
+    "/v1/tills",
+    summary="Open a till (cash drawer) with its float",
+    body=OpenTill,
+    response=TillSummary,
+    status=201,
+    permission=Permission.TILL_MANAGE,
+    errors=(ApiCode.TILL_ALREADY_OPEN,),
+)
+async def open_till(ctx: Ctx, body: OpenTill) -> TillSummary:
+    """Open a till."""
+    who, till_id = _employee(ctx), new_id("till")
+    return await ctx.mutate(lambda tx: tills.open_till(tx, body, who, till_id))
+
+
+@routes.route(
+    "GET",
+    "/v1/tills",
+    summary="Tills of a business day, or the open ones, each with its cash sheet",
+    query=TillQuery,
+    response=TillList,
+    permission=Permission.TILL_MANAGE,
+)
+async def list_tills(ctx: Ctx) -> TillList:
+    """Till sheets."""
+    query: TillQuery = ctx.query
+    return await ctx.store.transaction(
+        lambda tx: tills.tills_of_day(tx, query.business_day, query.status)
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/tills/{till_id}",
+    summary="A till's cash sheet: float, cash taken and refunded, paid in and out, expected",
+    response=TillSummary,
+    permission=Permission.TILL_MANAGE,
+    errors=_FOUND,
+)
+async def get_till(ctx: Ctx) -> TillSummary:
+    """One till's sheet."""
+    till_id = ctx.params["till_id"]
+    return await ctx.store.transaction(lambda tx: tills.summary(tx, till_id))
+
+
+@routes.route(
+    "POST",
+    "/v1/tills/{till_id}/movements",
+    summary="Pay cash into or out of an open till, with a reason",
+    body=Movement,
+    response=TillSummary,
+    status=201,
+    permission=Permission.TILL_MANAGE,
+    errors=(ApiCode.NOT_FOUND, ApiCode.TILL_NOT_OPEN, ApiCode.INSUFFICIENT_CASH),
+)
+async def move_cash(ctx: Ctx, body: Movement) -> TillSummary:
+    """A paid-in or paid-out."""
+    till_id, who, movement_id = ctx.params["till_id"], _employee(ctx), new_id("mov")
+    return await ctx.mutate(lambda tx: tills.move_cash(tx, till_id, body, who, movement_id))
+
+
+@routes.route(
+    "POST",
+    "/v1/tills/{till_id}/close",
+    summary="Close a till with the cash counted: expected, counted and the variance",
+    body=CloseTill,
+    response=TillSummary,
+    permission=Permission.TILL_MANAGE,
+    errors=(ApiCode.NOT_FOUND, ApiCode.TILL_NOT_OPEN),
+)
+async def close_till(ctx: Ctx, body: CloseTill) -> TillSummary:
+    """Close a till."""
+    till_id, who = ctx.params["till_id"], _employee(ctx)
+    return await ctx.mutate(lambda tx: tills.close_till(tx, till_id, body, who))
