@@ -7,13 +7,16 @@ Postgres) is opened and closed by a ``cleanup_ctx``. The contract is ``docs/sync
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import msgpack
 from aiohttp import web
 
@@ -27,8 +30,14 @@ from . import conflicts as conflict_store
 from .auth import NODE_ID, OWNER_TOKEN, SITE_ID, STORE, setup_auth
 from .config import CloudConfig
 from .errors import SYNC_CONTENT_TYPE, CloudCode, CloudError, error_middleware
+from .payments import PROVIDERS, PaymentProviders
+from .payments import routes as payment_routes
 from .pgtemp import TemporaryPostgres
+from .providers.simbank import SimBank, SimBankProvider
+from .providers.stripe_card import StripeCardProvider
 from .store import CloudStore
+
+log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", CloudConfig)
 CLOCK = web.AppKey("clock", HybridClock)
@@ -46,8 +55,11 @@ def cloud_clock(config: CloudConfig) -> HybridClock:
     )
 
 
-def create_app(config: CloudConfig, store: CloudStore | None = None) -> web.Application:
-    """The cloud application; opens its own store unless one is given (the caller's to close)."""
+def create_app(
+    config: CloudConfig, store: CloudStore | None = None, providers: PaymentProviders | None = None
+) -> web.Application:
+    """The cloud application; opens its own store unless one is given (the caller's to close),
+    and takes payments with ``providers`` (none: card and bank payments are refused)."""
     app = web.Application(client_max_size=config.sync.max_frame_bytes)
     app[CONFIG] = config
     app[OWNER_TOKEN] = config.admin_token or secrets.token_urlsafe(24)
@@ -58,9 +70,15 @@ def create_app(config: CloudConfig, store: CloudStore | None = None) -> web.Appl
         app[CLOCK] = cloud_clock(config)
         app.cleanup_ctx.append(_store_ctx)
         app.on_shutdown.append(_release_long_polls)
+    if providers is not None:
+        app[PROVIDERS] = providers
+    else:
+        app[PROVIDERS] = PaymentProviders()
+        app.cleanup_ctx.append(_providers_ctx)
     setup_middlewares(app)
     app.add_routes(sync_routes)
     app.add_routes(owner_routes)
+    app.add_routes(payment_routes)
     return app
 
 
@@ -100,6 +118,54 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+
+
+async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Set up the configured payment providers (and the simulated bank, when it runs here)."""
+    config, providers = app[CONFIG], app[PROVIDERS]
+    settings = config.payments
+    async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
+        if settings.bank == "simbank":
+            url, key, hook = (
+                settings.simbank_url,
+                settings.simbank_secret_key,
+                settings.simbank_webhook_secret,
+            )
+            key, hook = key or secrets.token_urlsafe(24), hook or secrets.token_urlsafe(24)
+            if not url:
+                url = await stack.enter_async_context(_embedded_bank(config, key, hook))
+            providers.bank = SimBankProvider(url, key, hook, http)
+        if settings.stripe_api_key:
+            providers.card = StripeCardProvider(
+                settings.stripe_api_key,
+                settings.stripe_webhook_secret,
+                api_base=settings.stripe_api_base or None,
+                session=http,
+            )
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _embedded_bank(config: CloudConfig, key: str, hook: str) -> AsyncIterator[str]:
+    """The simulated bank on its own port of this process, sending webhooks to this cloud."""
+    settings = config.payments
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    bank = SimBank(
+        secret_key=key,
+        webhook_secret=hook,
+        webhook_url=f"http://{host}:{config.port}/webhooks/simbank",
+        public_url=settings.simbank_public_url or None,
+        sweep_interval_s=5.0,
+    )
+    runner = web.AppRunner(bank.app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, settings.simbank_port).start()
+        port = runner.addresses[0][1]
+        log.warning("simulated bank (no real money) on port %s", port)
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from shared.config import load_config
 from shared.registry import default_registry, parse_strategies
@@ -68,6 +69,59 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentSettings:
+    """The payment providers the cloud takes card and bank payments with for the edges."""
+
+    bank: Literal["simbank", "off"] = field(
+        default="simbank",
+        metadata={
+            "doc": "Pay-by-bank provider: 'simbank' (the simulated bank, for demos and tests: "
+            "no real money) or 'off'."
+        },
+    )
+    simbank_url: str = field(
+        default="",
+        metadata={
+            "doc": "The simulated bank's URL; empty runs one inside this cloud, on "
+            "simbank_port, with its webhooks sent to this cloud."
+        },
+    )
+    simbank_port: int = field(
+        default=8499, metadata={"doc": "Port of the simulated bank run inside this cloud."}
+    )
+    simbank_public_url: str = field(
+        default="",
+        metadata={
+            "doc": "Base URL guests' phones reach the simulated bank's pay page on (a LAN "
+            "address); empty: the address the bank was asked on."
+        },
+    )
+    simbank_secret_key: str = field(
+        default="", metadata={"doc": "The simulated bank's API key; empty generates one."}
+    )
+    simbank_webhook_secret: str = field(
+        default="", metadata={"doc": "The simulated bank's webhook secret; empty generates one."}
+    )
+    stripe_api_key: str = field(
+        default="",
+        metadata={"doc": "Stripe secret key for card and Apple Pay payments; empty: no cards."},
+    )
+    stripe_api_base: str = field(
+        default="",
+        metadata={"doc": "Stripe API base URL; empty: Stripe's own (tests use localstripe)."},
+    )
+    stripe_webhook_secret: str = field(
+        default="", metadata={"doc": "Signing secret of the Stripe webhook endpoint."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.simbank_port <= 65535:
+            raise ValueError("simbank_port must be 0..65535")
+        if self.stripe_api_key and not self.stripe_webhook_secret:
+            raise ValueError("stripe_webhook_secret is needed with stripe_api_key")
+
+
+@dataclass(frozen=True, slots=True)
 class CloudConfig:
     """Settings of one cloud worker."""
 
@@ -94,6 +148,9 @@ class CloudConfig:
     pool_max: int = field(default=10, metadata={"doc": "Most Postgres connections in the pool."})
     sync: SyncSettings = field(
         default_factory=SyncSettings, metadata={"doc": "Bounds and timings of sync."}
+    )
+    payments: PaymentSettings = field(
+        default_factory=PaymentSettings, metadata={"doc": "Card and bank payment providers."}
     )
 
     def __post_init__(self) -> None:

@@ -32,6 +32,12 @@ class CloudCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     UNAVAILABLE = "unavailable"
+    PROVIDER_NOT_CONFIGURED = "provider_not_configured"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PAYMENT_REFUSED = "payment_refused"
+    PAYMENT_NOT_SYNCED = "payment_not_synced"
+    UNKNOWN_PAYMENT = "unknown_payment"
+    INVALID_SIGNATURE = "invalid_signature"
     INTERNAL = "internal_error"
 
 
@@ -43,6 +49,16 @@ CLOUD_ERRORS: dict[CloudCode, ErrorInfo] = {
     CloudCode.METHOD_NOT_ALLOWED: ErrorInfo(405, "the endpoint does not take that method"),
     CloudCode.HTTP_ERROR: ErrorInfo(400, "the HTTP request was refused"),
     CloudCode.UNAVAILABLE: ErrorInfo(503, "the database is unreachable or busy; retry later"),
+    CloudCode.PROVIDER_NOT_CONFIGURED: ErrorInfo(409, "no payment provider takes that tender"),
+    CloudCode.PROVIDER_UNAVAILABLE: ErrorInfo(
+        503, "the payment provider cannot be reached now; retry later"
+    ),
+    CloudCode.PAYMENT_REFUSED: ErrorInfo(402, "the payment provider refused the payment"),
+    CloudCode.PAYMENT_NOT_SYNCED: ErrorInfo(
+        409, "the payment attempt has not been pushed to the cloud yet"
+    ),
+    CloudCode.UNKNOWN_PAYMENT: ErrorInfo(404, "the provider has no such payment"),
+    CloudCode.INVALID_SIGNATURE: ErrorInfo(400, "the webhook's signature does not verify"),
     CloudCode.INTERNAL: ErrorInfo(500, "the cloud failed unexpectedly"),
 }
 

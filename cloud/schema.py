@@ -125,11 +125,44 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE feed ADD COLUMN echo_of text, ADD COLUMN echo_seq bigint;
         """,
     ),
+    (
+        5,
+        "payment providers: each provider payment's site and attempt, webhook events seen",
+        """
+        CREATE TABLE provider_payments (
+            provider     text NOT NULL,
+            provider_ref text NOT NULL,
+            site_id      text NOT NULL REFERENCES sites (site_id),
+            payment_id   text NOT NULL,
+            kind         text NOT NULL,  -- payment | refund
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (provider, provider_ref)
+        );
+        CREATE UNIQUE INDEX provider_payments_by_attempt
+            ON provider_payments (site_id, payment_id, kind);
+        CREATE TABLE webhook_events (
+            provider    text NOT NULL,
+            event_id    text NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (provider, event_id)
+        );
+        """,
+    ),
 )
 
 #: names the registry may not use: they are the cloud's own tables
 RESERVED_TABLES = frozenset(
-    {"sites", "devices", "ledger", "feed", "conflicts", "segments", "schema_migrations"}
+    {
+        "sites",
+        "devices",
+        "ledger",
+        "feed",
+        "conflicts",
+        "segments",
+        "schema_migrations",
+        "provider_payments",
+        "webhook_events",
+    }
 )
 
 

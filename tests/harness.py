@@ -34,7 +34,9 @@ from aiohttp import web
 from cloud.app import create_app as create_cloud_app
 from cloud.auth import STORE
 from cloud.config import CloudConfig
+from cloud.config import PaymentSettings as CloudPaymentSettings
 from cloud.config import SyncSettings as CloudSyncSettings
+from cloud.payments import PaymentProviders
 from cloud.store import CloudStore
 from edge.app import status_body
 from edge.config import SyncSettings
@@ -428,13 +430,16 @@ def cloud_config(dsn: str, strategies: Mapping[str, str] | None = None, **sync: 
         pool_min=1,
         pool_max=6,
         sync=CloudSyncSettings(**sync),
+        payments=CloudPaymentSettings(bank="off"),  # a test names its providers
     )
 
 
 @asynccontextmanager
-async def running_cloud(config: CloudConfig) -> AsyncIterator[Cloud]:
-    """Serve the real cloud app on 127.0.0.1 (any port)."""
-    app = create_cloud_app(config)
+async def running_cloud(
+    config: CloudConfig, providers: PaymentProviders | None = None
+) -> AsyncIterator[Cloud]:
+    """Serve the real cloud app on 127.0.0.1 (any port), taking payments with ``providers``."""
+    app = create_cloud_app(config, providers=providers)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

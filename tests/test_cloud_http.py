@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from cloud.app import create_app
-from cloud.config import CloudConfig, SyncSettings, load
+from cloud.config import CloudConfig, PaymentSettings, SyncSettings, load
 from shared.config import ConfigError, config_keys, load_config
 from sync_protocol import wire
 from sync_protocol.changes import Change, Op, Value
@@ -109,6 +109,7 @@ def config_for(dsn: str, strategies: str = "") -> CloudConfig:
         strategies=strategies,
         pool_min=1,
         pool_max=4,
+        payments=PaymentSettings(bank="off"),
         sync=SyncSettings(
             max_frame_bytes=SMALL_FRAME,
             max_records=MAX_RECORDS,

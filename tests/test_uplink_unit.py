@@ -158,9 +158,16 @@ OWNER = "owner-token"
 async def running_cloud(dsn: str, strategies: str = "") -> AsyncIterator[str]:
     """Serve the real cloud app on 127.0.0.1 (any port); yields its base URL."""
     from cloud.app import create_app as create_cloud_app
-    from cloud.config import CloudConfig
+    from cloud.config import CloudConfig, PaymentSettings
 
-    app = create_cloud_app(CloudConfig(port=0, dsn=dsn, admin_token=OWNER, strategies=strategies))
+    config = CloudConfig(
+        port=0,
+        dsn=dsn,
+        admin_token=OWNER,
+        strategies=strategies,
+        payments=PaymentSettings(bank="off"),
+    )
+    app = create_cloud_app(config)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

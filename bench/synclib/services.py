@@ -48,6 +48,7 @@ class CloudProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FYNLO_CLOUD_")}
         env |= {
             "FYNLO_CLOUD_DSN": dsn,
+            "FYNLO_CLOUD_PAYMENTS_BANK": "off",
             "FYNLO_CLOUD_HOST": "127.0.0.1",
             "FYNLO_CLOUD_PORT": str(port),
             "FYNLO_CLOUD_ADMIN_TOKEN": token,

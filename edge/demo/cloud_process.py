@@ -68,6 +68,7 @@ class CloudProcess:
             "FYNLO_CLOUD_PORT": str(self.port),
             "FYNLO_CLOUD_ADMIN_TOKEN": self.token,
             "FYNLO_CLOUD_DSN": "",  # none: the cloud starts (and deletes) its own Postgres
+            "FYNLO_CLOUD_PAYMENTS_SIMBANK_PORT": "0",  # its simulated bank: any free port
             "PYTHONUNBUFFERED": "1",
         }
         with self._stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
