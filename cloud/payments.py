@@ -358,17 +358,24 @@ async def webhook(request: web.Request) -> web.Response:
         raise CloudError(
             CloudCode.INVALID_SIGNATURE, error.message, provider_code=error.code
         ) from None
+    subject = event.payment or event.refund
     async with store.pool.acquire() as conn:
-        fresh = await conn.fetchval(
-            "INSERT INTO webhook_events (provider, event_id) VALUES ($1, $2)"
-            " ON CONFLICT DO NOTHING RETURNING true",
+        # One round trip: take the event (once) and find whose payment it is.
+        taken = await conn.fetchrow(
+            "WITH fresh AS (INSERT INTO webhook_events (provider, event_id) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT EXISTS (SELECT 1 FROM fresh) AS fresh, m.site_id, m.payment_id, m.kind"
+            " FROM (VALUES (1)) AS one LEFT JOIN provider_payments m"
+            " ON m.provider = $1 AND m.provider_ref = $3",
             provider.name,
             event.event_id,
+            subject.provider_ref if subject is not None else "",
         )
-    if not fresh:
+    if not taken["fresh"]:
         return web.json_response({"received": True, "duplicate": True})
+    known = (taken["site_id"], taken["payment_id"], taken["kind"]) if taken["site_id"] else None
     try:
-        await _apply_event(store, provider, event.payment, event.refund)
+        await _apply_event(store, provider, event.payment, event.refund, known)
     except BaseException:
         # Not recorded: forget the event so the provider's redelivery is taken.
         async with store.pool.acquire() as conn:
@@ -388,9 +395,11 @@ async def _apply_event(
     provider: PaymentProvider,
     payment: ProviderPayment | None,
     refund: ProviderRefund | None,
+    known: tuple[str, str, str] | None,
 ) -> None:
+    """Record an event's payment and refund; ``known``: the first one's mapping, found."""
     if payment is not None:
-        mapped = await _mapped(store, provider.name, payment.provider_ref)
+        mapped = known
         if mapped is None:
             log.warning("%s webhook for unknown payment %s", provider.name, payment.provider_ref)
             return
@@ -398,7 +407,9 @@ async def _apply_event(
         if payment_id == payment.payment_id:
             await record(store, site_id, "payments", payment_id, _payment_values(payment))
     if refund is not None:
-        mapped = await _mapped(store, provider.name, refund.provider_ref)
+        mapped = (
+            known if payment is None else await _mapped(store, provider.name, refund.provider_ref)
+        )
         if mapped is not None:
             values = {"provider_ref": refund.provider_ref, "provider_state": refund.state}
             await record(store, mapped[0], "refunds", mapped[1], values)
