@@ -33,7 +33,7 @@ from .errors import SYNC_CONTENT_TYPE, CloudCode, CloudError, error_middleware
 from .payments import PROVIDERS, PaymentProviders
 from .payments import routes as payment_routes
 from .pgtemp import TemporaryPostgres
-from .providers.simbank import SimBank, SimBankProvider
+from .providers.simbank import SimBank, SimBankProvider, wall_clock_ms
 from .providers.stripe_card import StripeCardProvider
 from .store import CloudStore
 
@@ -132,9 +132,11 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
                 settings.simbank_webhook_secret,
             )
             key, hook = key or secrets.token_urlsafe(24), hook or secrets.token_urlsafe(24)
+            clock = wall_clock_ms
             if not url:
-                url = await stack.enter_async_context(_embedded_bank(config, key, hook))
-            providers.bank = SimBankProvider(url, key, hook, http)
+                bank = await stack.enter_async_context(_embedded_bank(config, key, hook))
+                url, clock = bank.public_url or "", bank.clock  # its demo clock may be moved
+            providers.bank = SimBankProvider(url, key, hook, http, clock)
         if settings.stripe_api_key:
             providers.card = StripeCardProvider(
                 settings.stripe_api_key,
@@ -146,7 +148,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _embedded_bank(config: CloudConfig, key: str, hook: str) -> AsyncIterator[str]:
+async def _embedded_bank(config: CloudConfig, key: str, hook: str) -> AsyncIterator[SimBank]:
     """The simulated bank on its own port of this process, sending webhooks to this cloud."""
     settings = config.payments
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -163,7 +165,8 @@ async def _embedded_bank(config: CloudConfig, key: str, hook: str) -> AsyncItera
         await web.TCPSite(runner, config.host, settings.simbank_port).start()
         port = runner.addresses[0][1]
         log.warning("simulated bank (no real money) on port %s", port)
-        yield f"http://{host}:{port}"
+        bank.public_url = settings.simbank_public_url or f"http://{host}:{port}"
+        yield bank
     finally:
         await runner.cleanup()
 

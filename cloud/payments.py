@@ -33,6 +33,7 @@ webhook is applied to the site that created the payment, and nowhere else).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -413,3 +414,34 @@ async def _apply_event(
         if mapped is not None:
             values = {"provider_ref": refund.provider_ref, "provider_state": refund.state}
             await record(store, mapped[0], "refunds", mapped[1], values)
+
+
+_TAKINGS_SQL = """
+SELECT p.business_day, count(*) AS payments, sum(p.charged_pence) AS charged_pence,
+       sum(p.tip_pence) AS tips_pence, sum(p.provider_fee_pence) AS provider_fee_pence,
+       sum(p.platform_fee_pence) AS platform_fee_pence,
+       coalesce((SELECT sum(r.amount_pence) FROM refunds r
+                 WHERE r.site_id = $1 AND r.business_day = p.business_day
+                   AND r.status = 'succeeded' AND NOT r._deleted), 0) AS refunded_pence
+FROM payments p
+WHERE p.site_id = $1 AND p.status = 'succeeded' AND NOT p._deleted
+  AND p.business_day BETWEEN $2 AND $3
+GROUP BY p.business_day ORDER BY p.business_day
+"""
+
+
+@routes.get("/v1/sites/{site}/takings")
+async def site_takings(request: web.Request) -> web.Response:
+    """A site's takings per business day (``from``/``to``, ISO dates): what was charged and
+    refunded, tips, provider fees, and the platform's fee revenue."""
+    site_id = request.match_info["site"]
+    store = request.app[STORE]
+    await store.head(site_id)  # SITE_NOT_FOUND when unknown
+    first, last = request.query.get("from", ""), request.query.get("to", "")
+    for day in (first, last):
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+            raise CloudError(CloudCode.BAD_REQUEST, "from and to are ISO dates (YYYY-MM-DD)")
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch(_TAKINGS_SQL, site_id, first, last)
+    days = [{k: (int(v) if k != "business_day" else v) for k, v in row.items()} for row in rows]
+    return web.json_response({"site_id": site_id, "days": days})

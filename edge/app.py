@@ -189,9 +189,12 @@ async def _uplink_ctx(app: web.Application) -> AsyncIterator[None]:
     await uplink.start()
     app[UPLINK_KEY] = uplink
     gateway = app[GATEWAY] = CloudPayments(
-        config.cloud.url, config.cloud.token, online=lambda: uplink.status().online
+        config.cloud.url,
+        config.cloud.token,
+        push_timeout_s=config.payments.push_timeout_s,
+        online=lambda: uplink.status().online,
     )
-    watcher = app[WATCHER_KEY] = payment_watcher(store, gateway)
+    watcher = app[WATCHER_KEY] = payment_watcher(store, gateway, poll_s=config.payments.poll_s)
     await watcher.start()
     try:
         yield

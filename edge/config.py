@@ -167,12 +167,28 @@ class PaymentSettings:
         default=2000,
         metadata=_doc("Refunds above this need payment.refund_large or a manager's PIN."),
     )
+    poll_s: float = field(
+        default=5.0,
+        metadata=_doc(
+            "Seconds between the edge's checks of card and bank payments still pending "
+            "(the backstop for a webhook that is late or lost)."
+        ),
+    )
+    push_timeout_s: float = field(
+        default=3.0,
+        metadata=_doc(
+            "Seconds a card or bank payment waits for its attempt to reach the cloud before "
+            "it is refused as offline."
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.fees()  # fail at start-up, not at the first payment
         self.gratuity()
         if self.refund_approval_above_pence < 0:
             raise ValueError("refund_approval_above_pence must be 0 or more")
+        if self.poll_s <= 0 or self.push_timeout_s <= 0:
+            raise ValueError("poll_s and push_timeout_s must be positive")
 
     def fees(self) -> FeeSchedule:
         """The fee schedule these settings give."""

@@ -457,9 +457,10 @@ def settle(tx: Tx, payment_id: str, refund_id: str) -> list[str]:
             new=True,
         )
         tx.emit(
-            "alert",
+            "payments",
             {
                 "kind": "late_payment_refunded",
+                "alert": True,
                 "payment_id": payment_id,
                 "order_id": order_id,
                 "refund_id": refund_id,
@@ -479,7 +480,7 @@ def settle(tx: Tx, payment_id: str, refund_id: str) -> list[str]:
             },
         )
         tx.emit(
-            "payment",
+            "payments",
             {
                 "kind": "fallback",
                 "payment_id": payment_id,
@@ -640,3 +641,82 @@ def _by_items(
     return [
         SplitPart(g, p) for g, p in zip(guests, by_items(due, split_lines, guests), strict=True)
     ]
+
+
+class TenderTotals(msgspec.Struct, frozen=True):
+    tender: str
+    payments: int
+    amount_pence: int  #: off the bills
+    tips_pence: int
+    surcharge_pence: int
+    charged_pence: int
+    provider_fee_pence: int
+    platform_fee_pence: int
+    refunded_pence: int
+
+
+class EmployeeTips(msgspec.Struct, frozen=True):
+    employee_id: str
+    tips_pence: int
+    payments: int
+
+
+class DayTakings(msgspec.Struct, frozen=True):
+    """A business day's money: each tender's takings, fees and refunds, and tips by employee."""
+
+    business_day: str
+    tenders: list[TenderTotals]
+    charged_pence: int
+    refunded_pence: int
+    provider_fee_pence: int
+    platform_fee_pence: int
+    net_pence: int  #: charged - refunded - fees: what the restaurant keeps
+    tips: list[EmployeeTips]
+
+
+def day_takings(tx: Tx, day: str) -> DayTakings:
+    """The succeeded payments and refunds of business day ``day``, summed."""
+    refunded = dict(
+        tx.query(
+            "SELECT tender, sum(amount_pence) FROM refunds"
+            " WHERE business_day = ? AND status = 'succeeded' GROUP BY tender",
+            (day,),
+        )
+    )
+    rows = tx.query(
+        "SELECT tender, count(*), sum(amount_pence), sum(tip_pence), sum(surcharge_pence),"
+        " sum(charged_pence), sum(provider_fee_pence), sum(platform_fee_pence)"
+        " FROM payments WHERE business_day = ? AND status = 'succeeded'"
+        " GROUP BY tender ORDER BY tender",
+        (day,),
+    )
+    tenders = [
+        TenderTotals(
+            str(tender),
+            int(n),
+            int(amount or 0),
+            int(tip or 0),
+            int(surcharge or 0),
+            int(charged or 0),
+            int(fee or 0),
+            int(platform or 0),
+            int(refunded.get(tender) or 0),
+        )  # fmt: skip
+        for tender, n, amount, tip, surcharge, charged, fee, platform in rows
+    ]
+    tips = [
+        EmployeeTips(str(who), int(total or 0), int(n))
+        for who, total, n in tx.query(
+            "SELECT tip_employee_id, sum(tip_pence), count(*) FROM payments"
+            " WHERE business_day = ? AND status = 'succeeded' AND tip_pence > 0"
+            " GROUP BY tip_employee_id ORDER BY tip_employee_id",
+            (day,),
+        )
+    ]
+    charged = sum(t.charged_pence for t in tenders)
+    back = sum(int(v or 0) for v in refunded.values())
+    provider = sum(t.provider_fee_pence for t in tenders)
+    platform = sum(t.platform_fee_pence for t in tenders)
+    return DayTakings(
+        day, tenders, charged, back, provider, platform, charged - back - provider - platform, tips
+    )

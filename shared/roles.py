@@ -34,6 +34,7 @@ class Permission(StrEnum):
     PAYMENT_REFUND = "payment.refund"  # refund up to the site's approval threshold
     PAYMENT_REFUND_LARGE = "payment.refund_large"  # above it: manager approval
     TILL_MANAGE = "till.manage"  # open and close drawers, pay in and out
+    REPORT_VIEW = "report.view"  # the day's takings, fees and tips
 
 
 APPROVABLE: frozenset[Permission] = frozenset(

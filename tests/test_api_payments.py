@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from edge import payments, tills
 from edge.api.auth import grant_approval
 from edge.config import EdgeConfig, PaymentSettings
+from edge.errors import ApiCode, ApiError
+from edge.payments import NewPayment, NewRefund, PaymentPolicy
+from edge.store import EdgeStore
 from shared.config import ConfigError, load_config
 from shared.gratuity import vat_in
+from shared.registry import default_registry
+from sync_protocol.changes import Op
 
 from .api_harness import Edge, Tablet, running_edge
 from .test_api_orders import add_line, code, open_order, till_for
@@ -125,6 +133,22 @@ def test_a_check_split_three_ways_is_paid_in_cash_with_tips_and_change(tmp_path:
         assert (sam["employee_id"], sam["payments"], sam["sales_pence"], sam["tips_pence"]) == (
             "sam", 3, 3200, 389,
         )  # fmt: skip
+        # The day's takings, for the manager: the cash, the tips by employee, no fees.
+        day = sheet["business_day"]
+        got, takings, _ = await edge.call(
+            "GET", f"/v1/reports/takings?business_day={day}", tablet.headers("mia")
+        )
+        assert got == 200, takings
+        [cash] = takings["tenders"]
+        assert (cash["tender"], cash["payments"], cash["amount_pence"], cash["tips_pence"]) == (
+            "cash", 3, 3200, 389,
+        )  # fmt: skip
+        assert takings["tips"] == [{"employee_id": "sam", "tips_pence": 389, "payments": 2}]
+        assert takings["net_pence"] == 3589 and takings["platform_fee_pence"] == 0
+        got, refused, _ = await edge.call(
+            "GET", f"/v1/reports/takings?business_day={day}", tablet.headers("sam")
+        )
+        assert (got, code(refused)) == (403, "permission_denied")
 
     run(body, tmp_path)
 
@@ -400,3 +424,75 @@ def test_payment_settings_are_checked_at_start_up(tmp_path: Path) -> None:
     # money is never merged by a rule, whatever the configuration says
     with pytest.raises(ValueError, match="payments is always manual"):
         EdgeConfig(strategies="payments=server_wins")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    parts=st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+    tips=st.lists(st.integers(0, 500), min_size=4, max_size=4),
+    asks=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4000)), min_size=1, max_size=12),
+)
+def test_refunds_never_exceed_what_a_payment_took(
+    tmp_path_factory: pytest.TempPathFactory,
+    parts: list[int],
+    tips: list[int],
+    asks: list[tuple[int, int]],
+) -> None:
+    """Whatever refunds are asked for, in any order and size, each payment gives back at most
+    what it took, and a refused refund leaves nothing behind."""
+    policy = PaymentPolicy(refund_approval_above_pence=10**9)
+
+    async def body() -> None:
+        path = tmp_path_factory.mktemp("refunds") / "edge.sqlite"
+        async with await EdgeStore.open(path, default_registry(), "site-1", "edge-1") as store:
+            total = sum(parts)
+            await store.write_many(
+                [
+                    ("orders", "o1", Op.INSERT, {"check_number": 1, "business_day": "2026-11-27"}),
+                    ("order_lines", "l1", Op.INSERT, {"order_id": "o1", "quantity": 1,
+                                                      "unit_price_pence": total}),
+                ]
+            )  # fmt: skip
+            till = await store.transaction(
+                lambda tx: tills.open_till(tx, tills.OpenTill("Bar", 10**7), "bo", "till1")
+            )
+            ids = []
+            for n, (part, tip) in enumerate(zip(parts, tips, strict=False)):
+                pid = f"pay{n}"
+                new = NewPayment(
+                    tender="cash", amount_pence=part, tip_pence=min(tip, part), till_id=till.id
+                )
+                await store.transaction(
+                    lambda tx, new=new, pid=pid: payments.take_payment(
+                        tx, "o1", new, "sam", pid, policy
+                    )
+                )
+                ids.append(pid)
+            for n, (which, amount) in enumerate(asks):
+                pid = ids[which % len(ids)]
+                before = await store.query("SELECT count(*), sum(amount_pence) FROM refunds")
+                ask = NewRefund(amount_pence=amount, reason="guest")
+                try:
+                    await store.transaction(
+                        lambda tx, pid=pid, ask=ask, n=n: payments.refund(
+                            tx, pid, ask, "sam", None, f"ref{n}", policy
+                        )
+                    )
+                except ApiError as refused:
+                    assert refused.code is ApiCode.REFUND_EXCEEDS_PAYMENT
+                    after = await store.query("SELECT count(*), sum(amount_pence) FROM refunds")
+                    assert after == before
+            for pid in ids:
+                view = await store.transaction(lambda tx, pid=pid: payments.payment(tx, pid))
+                assert 0 <= view.refunded_pence <= view.charged_pence
+                asked = [a for w, a in asks if ids[w % len(ids)] == pid]
+                # greedy: every ask that fitted what was left was taken
+                left = view.charged_pence
+                for amount in asked:
+                    if amount <= left:
+                        left -= amount
+                assert view.refunded_pence == view.charged_pence - left
+
+    asyncio.run(body())

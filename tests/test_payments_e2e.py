@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,21 +26,28 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from cloud.payments import PaymentProviders
+from cloud.app import create_app as create_cloud_app
+from cloud.auth import STORE
+from cloud.config import PaymentSettings as CloudPaymentSettings
+from cloud.payments import PROVIDERS, PaymentProviders
+from cloud.pgtemp import free_port
 from cloud.providers.simbank import SIGNATURE_HEADER, SimBank, SimBankProvider, SimClock, sign
 from cloud.providers.stripe_card import StripeCardProvider
 from edge import payments
 from edge.app import WATCHER_KEY
-from edge.config import CloudSettings
+from edge.config import CloudSettings, PaymentSettings
 from edge.payments import NewPayment, PaymentPolicy
 
 from .api_harness import Edge, Tablet, running_edge, serving
-from .harness import Proxy, cloud_config, running_cloud, wait_until
+from .harness import OWNER, Proxy, cloud_config, running_cloud, wait_until
 from .localstripe_server import TEST_API_KEY, running_localstripe
 from .test_api_orders import add_line, code, open_order, till_for
+from .test_live import connect, receive
 
 BANK_KEY, HOOK_SECRET = "sk_sim_test", "whsec_sim_test"
+CARD_HOOK_SECRET = "whsec_card_test"
 #: an API version from before ``allowed_payment_method_types``: the one localstripe speaks
 LOCALSTRIPE_API = "2025-03-31.basil"
 
@@ -53,6 +62,7 @@ class World:
     cloud_url: str
     http: aiohttp.ClientSession
     stripe_url: str | None = None
+    site: str = ""
 
     def card_provider(self) -> StripeCardProvider:
         """A client of the same Stripe (what a card reader, or a test, talks to)."""
@@ -118,7 +128,7 @@ async def world(
         if stripe_url is not None:
             providers.card = StripeCardProvider(
                 TEST_API_KEY,
-                "whsec_card_test",
+                CARD_HOOK_SECRET,
                 api_base=stripe_url,
                 session=http,
                 stripe_version=LOCALSTRIPE_API,
@@ -134,18 +144,25 @@ async def world(
         )
         async with serving(bank.app) as bank_url:
             bank.public_url = bank_url
-            providers.bank = SimBankProvider(bank_url, BANK_KEY, HOOK_SECRET, http)
+            # The bank signs its webhooks by its own clock (which a test moves on to expire a
+            # payment); the cloud checks them against the same clock.
+            providers.bank = SimBankProvider(bank_url, BANK_KEY, HOOK_SECRET, http, bank.clock)
             site = await cloud.add_site("Harbour")
             node, token = await cloud.add_device(site, "edge")
             proxy = Proxy(cloud.port)
             await proxy.start()
             try:
                 settings = CloudSettings(url=proxy.url, token=token)
+                # The edge's own poll is left to the tests that call it: nothing here
+                # settles by accident of timing.
                 async with running_edge(
-                    tmp_path, site_id=site, node_id=node, cloud=settings
-                ) as edge:
+                    tmp_path, site_id=site, node_id=node, cloud=settings,
+                    payments=PaymentSettings(poll_s=3600),
+                ) as edge:  # fmt: skip
                     tablet = await till_for(edge)
-                    yield World(edge, tablet, bank, bank_url, proxy, cloud.url, http, stripe_url)
+                    yield World(
+                        edge, tablet, bank, bank_url, proxy, cloud.url, http, stripe_url, site
+                    )
             finally:
                 await proxy.stop()
 
@@ -161,6 +178,10 @@ def run(tmp_path: Path, dsn: str, body: Callable[[World], Awaitable[None]], **op
 def test_a_check_paid_by_bank_settles_at_the_edge_once(tmp_path: Path, pg_database: str) -> None:
     async def body(w: World) -> None:
         oid = await w.order("steak", "soup")  # 2650
+        # The till follows the payment live, as the bank moves it.
+        live, _ = await connect(
+            w.edge, w.tablet.device_token, ["payments"], session=w.tablet.access["sam"]
+        )
         got, sheet = await w.pay(oid, tender="bank", amount_pence=2650, tip_pence=200)
         assert got == 201, sheet
         [started] = sheet["payments"]
@@ -181,6 +202,16 @@ def test_a_check_paid_by_bank_settles_at_the_edge_once(tmp_path: Path, pg_databa
 
         await w.guest(started, "approve")
         done = await w.settled(oid, lambda s: s["status"] == "paid")
+        seen: list[tuple[object, object]] = []
+        deadline = time.monotonic() + 10
+        while ("succeeded", "succeeded") not in seen:
+            message = await receive(live, deadline)
+            if message["type"] == "event":
+                assert message["topic"] == "payments"
+                row = json.loads(json.dumps(message["data"]))["row"]
+                seen.append((row["status"], row["provider_state"]))
+        assert seen[0] == ("pending", None)  # recorded, then the provider's answers arrive
+        await live.close()
         assert done["balance_pence"] == 0 and done["paid_pence"] == 2650
         [paid] = done["payments"]
         assert (paid["status"], paid["provider_state"], paid["tip_pence"]) == (
@@ -243,7 +274,7 @@ def test_a_declined_or_expired_bank_payment_frees_the_check_for_cash(
         w.bank.sweep()
         done = await w.settled(oid, lambda s: s["payments"][1]["status"] == "expired")
         # The tablet was told, so it can offer card or cash.
-        events = w.edge_rows("SELECT data FROM events WHERE topic = 'payment' ORDER BY seq")
+        events = w.edge_rows("SELECT data FROM events WHERE topic = 'payments' ORDER BY seq")
         kinds = [(json.loads(d)["kind"], json.loads(d)["state"]) for (d,) in events]
         assert kinds == [("fallback", "failed"), ("fallback", "expired")]
         till = (await w.edge.call("POST", "/v1/tills", w.tablet.headers("bo"),
@@ -286,8 +317,9 @@ def test_a_bank_payment_completing_after_the_till_gave_up_is_refunded(
         assert done["paid_pence"] - done["refunded_pence"] == 2200  # kept once, not twice
         assert done["balance_pence"] == 0 and done["refund_due_pence"] == 0
         assert w.bank.payments[provider_ref].refunded_pence == 2200
-        alerts = w.edge_rows("SELECT data FROM events WHERE topic = 'alert'")
+        alerts = w.edge_rows("SELECT data FROM events WHERE topic = 'payments'")
         assert [json.loads(d)["kind"] for (d,) in alerts] == ["late_payment_refunded"]
+        assert json.loads(alerts[0][0])["alert"] is True
 
     run(tmp_path, pg_database, body)
 
@@ -347,6 +379,13 @@ def test_an_attempt_the_bank_took_while_the_edge_was_not_listening_is_recovered_
 # -- cards, through Stripe (localstripe) ------------------------------------------------------
 
 
+def stripe_signature(body: bytes, secret: str) -> str:
+    """A ``Stripe-Signature`` header, by Stripe's documented scheme."""
+    t = int(time.time())
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
 @pytest.fixture(scope="module")
 def stripe_url() -> Iterator[str]:
     with running_localstripe() as url:
@@ -387,11 +426,27 @@ def test_a_card_payment_is_taken_and_partly_refunded(
         provider = w.card_provider()
         ref = await provider.find(card["id"])
         assert ref is not None and ref.refunded_pence == 550
+        # The owner sees the platform's fee revenue for the site and the day, in the cloud.
+        day = w.edge_rows(f"SELECT business_day FROM payments WHERE id = '{card['id']}'")[0][0]
+        expected = {
+            "business_day": day, "payments": 1, "charged_pence": 3025, "tips_pence": 275,
+            "provider_fee_pence": 110, "platform_fee_pence": 28, "refunded_pence": 550,
+        }  # fmt: skip
+
+        async def in_cloud() -> bool:
+            async with w.http.get(
+                f"{w.cloud_url}/v1/sites/{w.site}/takings?from={day}&to={day}",
+                headers={"Authorization": f"Bearer {OWNER}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                return (await resp.json())["days"] == [expected]
+
+        await wait_until(in_cloud, 20, "the day's takings in the cloud")
 
     run(tmp_path, pg_database, body, stripe_url=stripe_url)
 
 
-def test_a_declined_card_is_refused_and_three_d_secure_settles_by_the_poll(
+def test_a_declined_card_is_refused_and_three_d_secure_settles_by_a_signed_webhook(
     tmp_path: Path, pg_database: str, stripe_url: str
 ) -> None:
     async def body(w: World) -> None:
@@ -417,8 +472,55 @@ def test_a_declined_card_is_refused_and_three_d_secure_settles_by_the_poll(
             "post", f"/v1/payment_intents/{found.provider_ref}/_authenticate",
             client_secret=intent.client_secret, success="true",
         )  # fmt: skip
-        await w.edge.app[WATCHER_KEY].poll_once()  # no webhook: the edge's poll finds it
+        # Stripe tells the cloud: a signed payment_intent.succeeded event (forged ones refused).
+        paid = await provider.client.v1.payment_intents.retrieve_async(found.provider_ref)
+        event = {
+            "id": "evt_3ds_paid", "object": "event", "type": "payment_intent.succeeded",
+            "created": int(time.time()), "api_version": LOCALSTRIPE_API, "livemode": False,
+            "data": {"object": paid.to_dict()},
+        }  # fmt: skip
+        raw = json.dumps(event).encode()
+        url = f"{w.cloud_url}/webhooks/stripe"
+        for secret, status in (("whsec_wrong", 400), (CARD_HOOK_SECRET, 200)):
+            signed = {"Stripe-Signature": stripe_signature(raw, secret)}
+            async with w.http.post(url, data=raw, headers=signed) as resp:
+                assert resp.status == status, await resp.text()
         done = await w.settled(oid, lambda s: s["status"] == "paid")
         assert [p["status"] for p in done["payments"]] == ["failed", "succeeded"]
 
     run(tmp_path, pg_database, body, stripe_url=stripe_url)
+
+
+def test_the_cloud_runs_the_simulated_bank_by_default(pg_database: str) -> None:
+    """With no providers given, the cloud starts the simulated bank from its settings, on a
+    port of its own, with the bank's webhooks coming back to this cloud."""
+
+    async def body() -> None:
+        port = free_port()
+        settings = dataclasses.replace(
+            cloud_config(pg_database), port=port, payments=CloudPaymentSettings(simbank_port=0)
+        )
+        app = create_cloud_app(settings)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            bank = app[PROVIDERS].bank
+            assert isinstance(bank, SimBankProvider) and app[PROVIDERS].card is None
+            taken = await bank.create("pay_default_bank", 1234, "GBP", description="Check 7")
+            assert taken.action_url is not None
+            async with aiohttp.ClientSession() as http:
+                async with http.get(taken.action_url) as page:
+                    assert page.status == 200 and "£12.34" in await page.text()
+                async with http.post(f"{taken.action_url}/approve") as done:
+                    assert done.status == 200
+
+            async def delivered() -> bool:
+                async with app[STORE].pool.acquire() as conn:
+                    return bool(await conn.fetchval("SELECT count(*) FROM webhook_events"))
+
+            await wait_until(delivered, 10, "the bank's webhook to reach the cloud")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(body())

@@ -48,9 +48,12 @@ from .errors import ApiCode, ApiError
 from .live_hub import CLOSE_TIMEOUT_S, Close, Hub, LiveSettings, close_socket, message_frame
 from .routing import Auth, Operation
 
-TOPIC = re.compile(r"orders|tickets|menu|sync|tickets:[A-Za-z0-9_.-]{1,64}")
+TOPIC = re.compile(r"orders|tickets|menu|sync|payments|tickets:[A-Za-z0-9_.-]{1,64}")
 #: what a connection needs, beyond a paired device, to follow a topic family
-TOPIC_PERMISSIONS: dict[str, Permission] = {"orders": Permission.ORDER_VIEW}
+TOPIC_PERMISSIONS: dict[str, Permission] = {
+    "orders": Permission.ORDER_VIEW,
+    "payments": Permission.PAYMENT_TAKE,
+}
 MAX_MESSAGE = 16 * 1024  # bytes a client may send in one frame
 
 

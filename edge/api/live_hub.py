@@ -54,6 +54,9 @@ TABLE_TOPICS = {
     "menu_items": "menu",
     "modifier_groups": "menu",
     "modifiers": "menu",
+    "payments": "payments",
+    "refunds": "payments",
+    "tills": "payments",
 }
 CLOSE_TIMEOUT_S = 1.0  # a close frame that cannot get out in this time: the link is cut
 
@@ -154,7 +157,7 @@ _row_event = msgspec.json.Decoder(_RowEvent)
 def route(event: Event) -> Routed | None:
     """Where a store event goes, and its frame (None: no topic carries it)."""
     if event.topic != "row":
-        if event.topic not in ("orders", "tickets", "menu"):
+        if event.topic not in ("orders", "tickets", "menu", "payments"):
             return None
         return Routed(event.seq, (event.topic,), event_frame(event.seq, event.topic, event.data))
     try:

@@ -28,6 +28,7 @@ from .. import payments, tills
 from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused, wait_pushed
 from ..payments import (
     Checkout,
+    DayTakings,
     NewPayment,
     NewRefund,
     PaymentPolicy,
@@ -79,6 +80,27 @@ def _policy(ctx: Ctx) -> PaymentPolicy:
 def _employee(ctx: Ctx) -> str:
     assert ctx.employee_id is not None  # EMPLOYEE routes always have one
     return ctx.employee_id
+
+
+class DayQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which business day (ISO date)."""
+
+    business_day: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+
+
+@routes.route(
+    "GET",
+    "/v1/reports/takings",
+    summary="A business day's takings: per tender, fees (the platform's too), refunds, and "
+    "tips per employee",
+    query=DayQuery,
+    response=DayTakings,
+    permission=Permission.REPORT_VIEW,
+)
+async def day_takings(ctx: Ctx) -> DayTakings:
+    """The day's takings."""
+    day = ctx.query.business_day
+    return await ctx.store.transaction(lambda tx: payments.day_takings(tx, day))
 
 
 class TillQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
