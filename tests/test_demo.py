@@ -84,6 +84,13 @@ def test_demo_keeps_selling_through_an_outage_and_converges(tmp_path: Path) -> N
     assert {table for table, _, _ in sums} == {spec.name for spec in TABLES}, context
     assert all(verdict == "equal" for _, _, verdict in sums), context
     assert dict((t, int(n)) for t, n, _ in sums)["orders"] > 0, context
+    # the cashier paid by bank while the link was up, in cash while it was down, and every
+    # payment reached the cloud
+    cashier = re.search(r"cashier: (\d+) checks paid by bank .*, (\d+) in cash", out)
+    assert cashier is not None and int(cashier[1]) > 0, context
+    assert re.search(r"cashier: check \d+ £[\d.]+ paid in cash \(link down", out), context
+    paid = int(cashier[1]) + int(cashier[2])
+    assert dict((t, int(n)) for t, n, _ in sums)["payments"] >= paid, context
     assert "result: edge and cloud hold the same rows" in out, context
     assert "cloud: stopped (exit 0)" in out, context
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import qrcode
@@ -178,8 +178,36 @@ async def _ask_provider(
     policy: PaymentPolicy,
     payment_method: str | None,
 ) -> Checkout:
-    """Have the cloud's provider take a pending attempt; give it up if that cannot be done."""
-    store = ctx.store
+    """Have the cloud's provider take a pending attempt, and show the check as it now is."""
+    answer = await ask_provider(ctx.store, gateway, order_id, payment_id, payment_method)
+    sheet = await ctx.store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
+    # The provider's columns reach this edge by sync a moment later: show its answer now.
+    return msgspec.structs.replace(
+        sheet,
+        payments=[
+            msgspec.structs.replace(
+                p,
+                provider_state=answer.get("state") or p.provider_state,
+                action_url=answer.get("action_url") or p.action_url,
+                expires_at_ms=answer.get("expires_at_ms") or p.expires_at_ms,
+            )
+            if p.id == payment_id
+            else p
+            for p in sheet.payments
+        ],
+    )
+
+
+async def ask_provider(
+    store: EdgeStore,
+    gateway: CloudPayments,
+    order_id: str,
+    payment_id: str,
+    payment_method: str | None = None,
+) -> dict[str, Any]:
+    """Have the cloud's provider take a pending attempt (once the cloud holds it); returns its
+    answer. Gives the attempt up (``failed``, ``cancelled`` or ``expired``) when that cannot be
+    done: ``503 payments_offline`` when the cloud is out of reach, ``402 payment_declined``."""
 
     async def give_up(state: str, code: str) -> None:
         await store.transaction(lambda tx: payments.end_attempt(tx, payment_id, state, code))
@@ -201,22 +229,7 @@ async def _ask_provider(
         raise ApiError(ApiCode.PAYMENT_DECLINED, refused.message, reason=code) from None
     if answer.get("state") in ("failed", "cancelled", "expired"):
         await give_up(str(answer["state"]), str(answer.get("failure_code") or answer["state"]))
-    sheet = await store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
-    # The provider's columns reach this edge by sync a moment later: show its answer now.
-    return msgspec.structs.replace(
-        sheet,
-        payments=[
-            msgspec.structs.replace(
-                p,
-                provider_state=answer.get("state") or p.provider_state,
-                action_url=answer.get("action_url") or p.action_url,
-                expires_at_ms=answer.get("expires_at_ms") or p.expires_at_ms,
-            )
-            if p.id == payment_id
-            else p
-            for p in sheet.payments
-        ],
-    )
+    return answer
 
 
 @routes.route(

@@ -6,6 +6,7 @@ HOST = "127.0.0.1"
 SITE_ID = "demo"
 TABLETS = 3
 OWNER_EVERY_S = 3.0
+PAY_EVERY_S = 1.0  #: how often the cashier settles the oldest open check
 CLOUD_START_TIMEOUT_S = 60.0
 SEED_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 30.0

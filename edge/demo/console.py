@@ -79,6 +79,8 @@ class Result:
     changes: int = 0
     owner_edits: int = 0
     deliveries: int = 0
+    paid_by_bank: int = 0
+    paid_in_cash: int = 0
     last_seq: int = 0
     acked_through: int = 0
     pulled: int = 0
@@ -100,6 +102,10 @@ def summary(r: Result, cloud_exit: int | None) -> list[str]:
             f"  tablets: {r.orders} orders with {r.lines} lines and their stock deltas "
             f"({r.changes} changes); owner: {r.owner_edits} price edits and "
             f"{r.deliveries} deliveries in the cloud"
+        )
+        lines.append(
+            f"  cashier: {r.paid_by_bank} checks paid by bank (QR, the simulated bank's webhook,"
+            f" settled by sync), {r.paid_in_cash} in cash"
         )
         lines.append(
             f"  sync: edge wrote seq {r.last_seq}, cloud acknowledged {r.acked_through}; "

@@ -5,7 +5,9 @@ the cloud) in a session of its own, configured by ``FYNLO_CLOUD_*`` variables: a
 generated owner token and no DSN, so it runs (and at exit deletes) a throwaway Postgres. The
 demo registers a site and a device and seeds a menu and stock through the owner API, runs the
 real edge app (``create_app``: store, uplink, status endpoint) on a fresh SQLite file, and
-starts the load: tablets writing orders, an owner editing prices in the cloud, and an outage
+starts the load: tablets writing orders, an owner editing prices in the cloud, a cashier
+paying the oldest open check every second (by bank through the cloud's simulated bank while
+the link is up, in cash while it is down), and an outage
 (``--offline-at``/``--online-at`` stop and restart the uplink). At the end the load stops,
 the uplink drains both ways, the per-table checksums of edge and cloud are compared, the edge
 closes and the cloud is terminated. Exit status 0 means every checksum matched.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -38,8 +41,14 @@ from shared import eventloop
 from shared.config import ConfigError
 from sync_protocol.changes import Op, Value
 
+from .. import payments, tills
+from ..api.auth import new_id
+from ..api.payment_routes import GATEWAY, ask_provider
 from ..app import STORE_KEY, UPLINK_KEY, create_app, status_body
 from ..config import DEFAULT_PATH, CloudSettings, EdgeConfig, load_edge_config
+from ..errors import ApiError
+from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused
+from ..payments import NewPayment, PaymentPolicy
 from ..store import EdgeStore, Write, wall_clock_ms
 from ..uplink import Uplink
 from .cloud_process import (
@@ -60,6 +69,7 @@ from .common import (
     EXIT_INTERRUPTED,
     HOST,
     OWNER_EVERY_S,
+    PAY_EVERY_S,
     SEED_TIMEOUT_S,
     SITE_ID,
     TABLETS,
@@ -142,6 +152,7 @@ class Demo:
         self._t0: float | None = None
         self._checks = 0
         self._tasks: set[asyncio.Task[None]] = set()  #: running background tasks
+        self._spawn_cashier: Callable[[], None] = lambda: None
 
     def stop(self, reason: str, error: str | None = None) -> None:
         """Stop the load; the first reason given is the one reported."""
@@ -231,6 +242,9 @@ class Demo:
                     f"edge: {config.db_path}, status at http://{HOST}:{port}/v1/sync/status"
                 )
                 await self._wait_for_seed(store, uplink, seed_rev)
+                self._spawn_cashier = lambda: self._spawn(
+                    "cashier", self._cashier(store, runner.app.get(GATEWAY), uplink, http)
+                )
                 await self._load(owner, store, uplink)
                 await self._finish(owner, store, uplink)
             finally:
@@ -294,6 +308,7 @@ class Demo:
         for n in range(1, TABLETS + 1):
             self._spawn(f"tablet-{n}", self._tablet(store, f"tablet-{n}"))
         self._spawn("owner", self._owner(owner, store))
+        self._spawn_cashier()
         self._spawn("outage", self._outage(uplink))
         self._spawn("status", self._ticker(owner, store, uplink))
         if opts.seconds is not None and not await self._sleep(opts.seconds):
@@ -352,6 +367,108 @@ class Demo:
             self.event(f"owner: {names[item_id]} {old}p -> {new}p in the cloud (rev {rev})")
             self._spawn("price", self._watch_price(store, rev, names[item_id], new))
             await self._restock(owner, names)
+
+    async def _cashier(
+        self,
+        store: EdgeStore,
+        gateway: CloudPayments | None,
+        uplink: Uplink,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """Settle the oldest open check every ``PAY_EVERY_S``: by bank while the cloud is
+        reachable (the guest approves on the simulated bank's page at once; the bank's
+        webhook reaches the cloud, and the edge settles the check when the payment's row
+        comes back by sync), in cash into the till otherwise."""
+        policy = PaymentPolicy()
+        till = await store.transaction(
+            lambda tx: tills.open_till(
+                tx, tills.OpenTill("Front", 10_000), "cashier", new_id("till")
+            )
+        )
+        while not await self._sleep(PAY_EVERY_S):
+            await self._pay_oldest(store, gateway, http, till.id, policy)
+
+    async def _pay_oldest(
+        self,
+        store: EdgeStore,
+        gateway: CloudPayments | None,
+        http: aiohttp.ClientSession,
+        till_id: str,
+        policy: PaymentPolicy,
+    ) -> None:
+        rows = await store.query(
+            "SELECT id, check_number FROM orders WHERE status = 'open'"
+            " ORDER BY opened_at_ms LIMIT 1"
+        )
+        if not rows:
+            return
+        order_id, number = rows[0]
+        sheet = await store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
+        due = sheet.balance_pence - sum(
+            p.amount_pence for p in sheet.payments if p.status == "pending"
+        )
+        if due <= 0:
+            return
+        amount = f"£{due / 100:.2f}"
+        if gateway is not None and gateway.online():
+            took = await self._pay_by_bank(store, gateway, http, order_id, due, policy)
+            if took is not None:
+                self.result.paid_by_bank += 1
+                self.event(
+                    f"cashier: check {number} {amount} paid by bank (QR); settled at the "
+                    f"edge {took * 1000:.0f} ms after the guest approved"
+                )
+                return
+            why = "the bank payment did not complete"
+        else:
+            why = "link down: card and bank are refused, cash goes on"
+        new = NewPayment(tender="cash", amount_pence=due, till_id=till_id)
+        await store.transaction(
+            lambda tx: payments.take_payment(tx, order_id, new, "cashier", new_id("pay"), policy)
+        )
+        self.result.paid_in_cash += 1
+        self.event(f"cashier: check {number} {amount} paid in cash ({why})")
+
+    async def _pay_by_bank(
+        self,
+        store: EdgeStore,
+        gateway: CloudPayments,
+        http: aiohttp.ClientSession,
+        order_id: str,
+        due: int,
+        policy: PaymentPolicy,
+    ) -> float | None:
+        """One bank payment; the seconds from the guest's approval to the check paid at the
+        edge, or None when it did not complete (the attempt is then given up)."""
+        payment_id = new_id("pay")
+        new = NewPayment(tender="bank", amount_pence=due)
+        await store.transaction(
+            lambda tx: payments.take_payment(
+                tx, order_id, new, "cashier", payment_id, policy, providers=True
+            )
+        )
+        try:
+            answer = await ask_provider(store, gateway, order_id, payment_id)
+            async with http.post(f"{answer['action_url']}/approve") as page:
+                approved = page.status == 200
+        except (ApiError, aiohttp.ClientError, KeyError, TimeoutError):
+            approved = False
+        if approved:
+            started = time.monotonic()
+
+            async def settled() -> bool:
+                row = await store.get("payments", payment_id)
+                return row is not None and row.get("status") == "succeeded"
+
+            took = await self._until(settled, 30.0)
+            if took is not None:
+                return time.monotonic() - started
+        with contextlib.suppress(ApiError, GatewayOffline, GatewayRefused):
+            await gateway.cancel(payment_id, "bank")
+        await store.transaction(
+            lambda tx: payments.end_attempt(tx, payment_id, "cancelled", "not_completed")
+        )
+        return None
 
     async def _restock(self, owner: Owner, names: dict[str, str]) -> None:
         """Book a delivery in the cloud for every item the cloud sees below its par level."""
