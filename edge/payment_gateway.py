@@ -17,7 +17,10 @@ whose provider state moved. As a backstop for a lost webhook it asks the cloud t
 still-pending attempt again every ``poll_s`` seconds; an attempt the provider never heard of
 (the edge stopped between recording it and asking for it) is given up after
 ``abandon_after_s``. A refund the settle starts (a bank payment completing after the till
-fell back to card) is sent to the provider the same way.
+fell back to card) is sent to the provider the same way. Each poll (and the start) also
+settles any attempt whose till record still lags its provider's, and sends again every
+refund still pending: the provider takes a refund once by its id, and one whose answer
+already came by sync is just recorded.
 """
 
 from __future__ import annotations
@@ -194,14 +197,17 @@ class PaymentWatcher:
             asyncio.create_task(self._work(), name="fynlo-payments-settle"),
             asyncio.create_task(self._poll(), name="fynlo-payments-poll"),
         ]
+        await self._unsettled()
+
+    async def _unsettled(self) -> None:
+        """Queue every attempt whose till record lags its provider's, and every refund not
+        yet sent (what arrived while the edge was down, or a settle that failed)."""
         for row in await self.store.query(
             "SELECT id FROM payments WHERE provider_state IS NOT NULL"
             " AND provider_state != coalesce(status, '')"
         ):
             self._queue.put_nowait(("payment", row[0]))
-        for row in await self.store.query(
-            "SELECT id FROM refunds WHERE status = 'pending' AND provider_ref IS NULL"
-        ):
+        for row in await self.store.query("SELECT id FROM refunds WHERE status = 'pending'"):
             self._queue.put_nowait(("refund", row[0]))
 
     async def stop(self) -> None:
@@ -252,7 +258,9 @@ class PaymentWatcher:
                 await self.poll_once()
 
     async def poll_once(self) -> None:
-        """Ask the cloud to read every pending attempt again (its answer comes by sync)."""
+        """Settle what lags, then ask the cloud to read every pending attempt again (its
+        answer comes by sync)."""
+        await self._unsettled()
         rows = await self.store.query(
             "SELECT id, tender, created_at_ms FROM payments WHERE status = 'pending'"
         )

@@ -336,6 +336,12 @@ def take_payment(
             f"{tender} payments are not set up for this site: take cash",
             tender=str(tender),
         )
+    if (new.payment_method is not None) != (tender in (Tender.CARD, Tender.APPLE_PAY)):
+        raise ApiError(
+            ApiCode.INVALID_REQUEST,
+            "a card or Apple Pay payment names the payment method the reader or wallet gave;"
+            " no other tender takes one",
+        )
     due = _balance(tx, order_id).due
     waiting = _pending(tx, order_id)
     if new.amount_pence > due - waiting:

@@ -263,6 +263,8 @@ def test_a_retried_payment_is_taken_once(tmp_path: Path) -> None:
     ("payment", "status", "error"),
     [
         ({"tender": "card", "amount_pence": 100}, 409, "tender_unavailable"),
+        ({"tender": "cash", "amount_pence": 100, "till_id": "OPEN", "payment_method": "pm_x"},
+         422, "invalid_request"),
         ({"tender": "bank", "amount_pence": 100}, 409, "tender_unavailable"),
         ({"tender": "cash", "amount_pence": 100}, 422, "invalid_request"),  # no till
         ({"tender": "cash", "amount_pence": 100, "till_id": "till_nope"}, 404, "not_found"),

@@ -451,6 +451,8 @@ def test_a_declined_card_is_refused_and_three_d_secure_settles_by_a_signed_webho
 ) -> None:
     async def body(w: World) -> None:
         oid = await w.order("steak")  # 2200
+        got, refused = await w.pay(oid, tender="card", amount_pence=2200)  # no card given
+        assert (got, code(refused)) == (422, "invalid_request")
         declined = await card_method(w, "4000000000000341")
         got, refused = await w.pay(oid, tender="card", amount_pence=2200, payment_method=declined)
         assert (got, code(refused)) == (402, "payment_declined")

@@ -286,6 +286,10 @@ async def send_refund(store: EdgeStore, gateway: CloudPayments, refund_id: str) 
     refund = await store.get("refunds", refund_id)
     if refund is None or refund.get("status") != "pending":
         return
+    known = refund.get("provider_state")
+    if known in ("succeeded", "failed"):  # the provider's answer came by sync: record it
+        await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, str(known), None))
+        return
     if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
         raise GatewayOffline("the refund did not reach the cloud")
     try:
