@@ -250,6 +250,15 @@ def test_a_check_paid_by_bank_settles_at_the_edge_once(tmp_path: Path, pg_databa
             "POST", f"/v1/orders/{oid}/close", w.tablet.headers("sam")
         )
         assert got == 200 and closed["status"] == "closed"
+        # The soup was cold: £4.50 goes back to the guest's bank account.
+        got, after, _ = await w.edge.call(
+            "POST", f"/v1/payments/{paid['id']}/refunds", w.tablet.headers("sam"),
+            json={"amount_pence": 450, "reason": "cold soup"},
+        )  # fmt: skip
+        assert got == 201, after
+        assert [(r["status"], r["amount_pence"]) for r in after["refunds"]] == [("succeeded", 450)]
+        [ref] = [p for p in w.bank.payments.values() if p.reference == paid["id"]]
+        assert ref.refunded_pence == 450
 
     run(tmp_path, pg_database, body)
 
