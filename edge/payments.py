@@ -16,12 +16,16 @@ the ``manual`` strategy: the cloud never merges money by a rule.
 
 Cash is taken into an open till (``edge.tills``): the guest hands over ``tendered_pence``,
 at least the charge, and gets the difference back as change. Card, Apple Pay and pay by bank
-need the cloud's payment providers; this edge answers ``409 tender_unavailable`` for them.
+go through the cloud's payment providers (``edge.payment_gateway``): the attempt is recorded
+``pending``, holding its part of the balance so no other payment can take it twice, and
+``settle`` brings the till's record in line with the provider's state when it arrives by
+sync; an edge with no cloud answers ``409 tender_unavailable`` for them.
 
-Refunds go back against one payment, never more than is left of it (``409
-refund_exceeds_payment``); a cash refund comes out of an open till. A refund above the
-site's ``refund_approval_above_pence`` needs ``payment.refund_large``, which a server borrows
-with a manager's PIN (the route checks it).
+Refunds go back against one payment, never more than is left of it, counting refunds still
+on their way (``409 refund_exceeds_payment``): a cash refund comes out of an open till at
+once, a card or bank refund is recorded ``pending`` for the provider (``finish_refund``). A
+refund above the site's ``refund_approval_above_pence`` needs ``payment.refund_large``,
+which a server borrows with a manager's PIN (the route checks it).
 
 A check whose lines were voided after it was paid (on another tablet, or offline) shows the
 difference as ``refund_due_pence``: money taken is never silently kept or lost.
