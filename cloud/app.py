@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,8 +28,9 @@ from sync_protocol.hlc import HybridClock
 
 from . import audit as site_audit
 from . import conflicts as conflict_store
+from .applepay import ApplePayMerchant, MerchantValidator, load_merchant
 from .auth import NODE_ID, OWNER_TOKEN, SITE_ID, STORE, setup_auth
-from .config import CloudConfig
+from .config import CloudConfig, PaymentSettings
 from .errors import SYNC_CONTENT_TYPE, CloudCode, CloudError, error_middleware
 from .payments import PROVIDERS, PaymentProviders
 from .payments import routes as payment_routes
@@ -137,6 +139,8 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
                 bank = await stack.enter_async_context(_embedded_bank(config, key, hook))
                 url, clock = bank.public_url or "", bank.clock  # its demo clock may be moved
             providers.bank = SimBankProvider(url, key, hook, http, clock)
+        if settings.applepay_merchant_id:
+            providers.applepay = MerchantValidator(applepay_merchant(settings))
         if settings.stripe_api_key:
             providers.card = StripeCardProvider(
                 settings.stripe_api_key,
@@ -145,6 +149,19 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
                 session=http,
             )
         yield
+
+
+def applepay_merchant(settings: PaymentSettings) -> ApplePayMerchant:
+    """The Apple Pay merchant of the cloud's settings (its certificates and keys from files)."""
+    return load_merchant(
+        merchant_identifier=settings.applepay_merchant_id,
+        display_name=settings.applepay_display_name,
+        domain=settings.applepay_domain,
+        payment_certificate_pem=Path(settings.applepay_payment_certificate).read_bytes(),
+        payment_key_pem=Path(settings.applepay_payment_key).read_bytes(),
+        identity_certificate_pem=Path(settings.applepay_identity_certificate).read_bytes(),
+        identity_key_pem=Path(settings.applepay_identity_key).read_bytes(),
+    )
 
 
 @contextlib.asynccontextmanager

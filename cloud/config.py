@@ -113,12 +113,48 @@ class PaymentSettings:
     stripe_webhook_secret: str = field(
         default="", metadata={"doc": "Signing secret of the Stripe webhook endpoint."}
     )
+    applepay_merchant_id: str = field(
+        default="",
+        metadata={"doc": "Apple Pay merchant identifier (merchant.com.…); empty: no Apple Pay."},
+    )
+    applepay_display_name: str = field(
+        default="", metadata={"doc": "The name Apple Pay shows the guest."}
+    )
+    applepay_domain: str = field(
+        default="", metadata={"doc": "The domain of the pay page, as registered with Apple."}
+    )
+    applepay_identity_certificate: str = field(
+        default="",
+        metadata={"doc": "PEM file: the merchant identity certificate (and intermediates)."},
+    )
+    applepay_identity_key: str = field(
+        default="", metadata={"doc": "PEM file: the merchant identity certificate's key."}
+    )
+    applepay_payment_certificate: str = field(
+        default="",
+        metadata={"doc": "PEM file: the payment processing certificate (decrypts tokens)."},
+    )
+    applepay_payment_key: str = field(
+        default="", metadata={"doc": "PEM file: the payment processing certificate's key."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.simbank_port <= 65535:
             raise ValueError("simbank_port must be 0..65535")
         if self.stripe_api_key and not self.stripe_webhook_secret:
             raise ValueError("stripe_webhook_secret is needed with stripe_api_key")
+        files = (
+            self.applepay_identity_certificate,
+            self.applepay_identity_key,
+            self.applepay_payment_certificate,
+            self.applepay_payment_key,
+        )
+        if self.applepay_merchant_id and not (
+            all(files) and self.applepay_display_name and self.applepay_domain
+        ):
+            raise ValueError(
+                "Apple Pay needs its display name, domain, and certificate and key files"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ endpoints (msgpack, under ``/v1/sync/``, so the credential names its site):
 * ``GET /v1/sync/payments/{id}?tender=`` reads it again from the provider (the edge's
   backstop when a webhook is late), finding it by the attempt id if the cloud never
   learned its reference;
-* ``POST /v1/sync/payments/{id}/cancel`` and ``POST /v1/sync/refunds``.
+* ``POST /v1/sync/payments/{id}/cancel`` and ``POST /v1/sync/refunds``;
+* ``POST /v1/sync/applepay/session`` starts an Apple Pay merchant session (``cloud.applepay``:
+  the merchant identity certificate never leaves the cloud).
 
 Webhooks arrive at ``POST /webhooks/{provider}`` (no credential: the provider's signature is
 the credential). A verified event is taken once: its id goes into ``webhook_events`` and a
@@ -45,6 +47,7 @@ from aiohttp import web
 from shared.fees import Tender
 from sync_protocol.changes import Op
 
+from .applepay import ApplePayCode, ApplePayError, MerchantValidator
 from .auth import SITE_ID, STORE
 from .errors import CloudCode, CloudError
 from .providers.base import PaymentProvider, ProviderError, ProviderPayment, ProviderRefund
@@ -61,6 +64,8 @@ class PaymentProviders:
 
     bank: PaymentProvider | None = None
     card: PaymentProvider | None = None
+    #: Apple Pay on the web: starts merchant sessions with the merchant identity certificate
+    applepay: MerchantValidator | None = None
     #: seconds each verified webhook took to handle, newest last (for the benchmark)
     webhook_seconds: list[float] = field(default_factory=list)
 
@@ -445,3 +450,23 @@ async def site_takings(request: web.Request) -> web.Response:
         rows = await conn.fetch(_TAKINGS_SQL, site_id, first, last)
     days = [{k: (int(v) if k != "business_day" else v) for k, v in row.items()} for row in rows]
     return web.json_response({"site_id": site_id, "days": days})
+
+
+@routes.post("/v1/sync/applepay/session")
+async def applepay_session(request: web.Request) -> web.Response:
+    """Start an Apple Pay merchant session for the validation URL a guest's browser was given
+    (the server side of ``onvalidatemerchant``): Apple's opaque session object."""
+    url = _text(await _request(request), "validation_url", 2048)
+    validator = request.app[PROVIDERS].applepay
+    if validator is None:
+        raise CloudError(CloudCode.PROVIDER_NOT_CONFIGURED, "Apple Pay is not set up here")
+    try:
+        session = await validator.start_session(url)
+    except ApplePayError as error:
+        code = (
+            CloudCode.BAD_REQUEST
+            if error.code is ApplePayCode.VALIDATION_URL_REFUSED
+            else CloudCode.PAYMENT_REFUSED
+        )
+        raise CloudError(code, error.message, provider_code=str(error.code)) from None
+    return _answer({"session": session})

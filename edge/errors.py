@@ -113,6 +113,7 @@ class ApiCode(StrEnum):
     BALANCE_DUE = "balance_due"
     PAYMENTS_OFFLINE = "payments_offline"
     PAYMENT_DECLINED = "payment_declined"
+    MERCHANT_VALIDATION_FAILED = "merchant_validation_failed"
     INTERNAL = "internal_error"
 
 
@@ -157,6 +158,9 @@ API_ERRORS: dict[ApiCode, ErrorInfo] = {
         503, "card and bank payments need the cloud, which is out of reach: take cash"
     ),
     ApiCode.PAYMENT_DECLINED: ErrorInfo(402, "the payment provider refused the payment"),
+    ApiCode.MERCHANT_VALIDATION_FAILED: ErrorInfo(
+        502, "Apple Pay did not start a merchant session"
+    ),
     ApiCode.INTERNAL: ErrorInfo(500, "the edge failed unexpectedly"),
 }
 

@@ -153,6 +153,14 @@ class CloudPayments:
         answer: dict[str, Any] = await self._call("POST", "/v1/sync/refunds", body)
         return answer
 
+    async def applepay_session(self, validation_url: str) -> dict[str, Any]:
+        """An Apple Pay merchant session for a guest's browser (the cloud holds the keys)."""
+        answer = await self._call(
+            "POST", "/v1/sync/applepay/session", {"validation_url": validation_url}
+        )
+        session: dict[str, Any] = answer.get("session", {})
+        return session
+
 
 async def wait_pushed(store: EdgeStore, seq: int, timeout_s: float) -> bool:
     """Whether the cloud acknowledged this node's change ``seq`` within ``timeout_s``."""

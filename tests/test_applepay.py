@@ -1031,3 +1031,87 @@ def test_gateway_we_do_not_trust_is_refused(kit: MerchantKit, tls: Tls) -> None:
     error, served = run(scenario())
     assert error.code is ApplePayCode.MERCHANT_VALIDATION_FAILED
     assert served.requests == []
+
+
+# --- through the product: a tablet asks the edge, the edge asks the cloud ------------------
+
+
+def test_a_tablet_starts_an_apple_pay_session_through_the_edge_and_the_cloud(
+    kit: MerchantKit, tls: Tls, tmp_path: Path, pg_database: str
+) -> None:
+    """The merchant identity certificate stays in the cloud: the guest's browser gets Apple's
+    session through the edge (a tablet's credential) and the cloud (the edge's)."""
+    from cloud.applepay import MerchantValidator
+    from cloud.payments import PaymentProviders
+    from edge.config import CloudSettings
+
+    from .api_harness import running_edge
+    from .harness import cloud_config, running_cloud
+    from .test_api_orders import code, till_for
+
+    async def scenario() -> None:
+        providers = PaymentProviders(applepay=validator(kit, tls))
+        async with (
+            gateway(tls) as served,
+            running_cloud(cloud_config(pg_database), providers) as cloud,
+        ):
+            site = await cloud.add_site("Harbour")
+            node, token = await cloud.add_device(site, "edge")
+            settings = CloudSettings(url=cloud.url, token=token)
+            async with running_edge(tmp_path, site_id=site, node_id=node, cloud=settings) as edge:
+                tablet = await till_for(edge)
+                path, who = "/v1/payments/applepay/session", tablet.headers("sam")
+                got, answer, _ = await edge.call(
+                    "POST", path, who, json={"validation_url": served.url}
+                )
+                assert got == 200, answer
+                assert answer == {"session": SESSION}
+                assert served.requests[0]["body"]["merchantIdentifier"] == MERCHANT_ID
+                # a validation URL off Apple's gateways is refused without a connection
+                elsewhere = "https://example.com/paymentservices/startSession"
+                got, refused, _ = await edge.call(
+                    "POST", path, who, json={"validation_url": elsewhere}
+                )
+                assert (got, code(refused)) == (502, "merchant_validation_failed")
+                assert refused["error"]["details"]["reason"] == "validation_url_refused"
+                assert len(served.requests) == 1
+                # a cloud without Apple Pay says so
+                providers.applepay = None
+                got, refused, _ = await edge.call(
+                    "POST", path, who, json={"validation_url": served.url}
+                )
+                assert (got, code(refused)) == (409, "tender_unavailable")
+
+    run(scenario())
+    assert isinstance(validator(kit, tls), MerchantValidator)
+
+
+def test_the_cloud_reads_its_apple_pay_merchant_from_pem_files(
+    kit: MerchantKit, tmp_path: Path
+) -> None:
+    from cloud.app import applepay_merchant
+    from cloud.config import PaymentSettings
+
+    files = {
+        "identity.pem": pem(kit.identity.certificate),
+        "identity.key": key_pem(kit.identity.key),
+        "payment.pem": pem(kit.payment.certificate),
+        "payment.key": key_pem(kit.payment.key),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    settings = PaymentSettings(
+        bank="off",
+        applepay_merchant_id=MERCHANT_ID,
+        applepay_display_name="Fynlo Test Bistro",
+        applepay_domain="bistro.fynlo.test",
+        applepay_identity_certificate=str(tmp_path / "identity.pem"),
+        applepay_identity_key=str(tmp_path / "identity.key"),
+        applepay_payment_certificate=str(tmp_path / "payment.pem"),
+        applepay_payment_key=str(tmp_path / "payment.key"),
+    )
+    merchant = applepay_merchant(settings)
+    assert merchant.public_key_hash == kit.merchant.public_key_hash
+    assert merchant.merchant_id_hash == kit.merchant.merchant_id_hash
+    with pytest.raises(ValueError, match="Apple Pay needs"):
+        PaymentSettings(applepay_merchant_id=MERCHANT_ID)  # no files

@@ -338,6 +338,50 @@ async def cancel_payment(ctx: Ctx) -> PaymentView:
     return await store.transaction(lambda tx: payments.payment(tx, payment_id))
 
 
+class ApplePayValidation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The validation URL Apple Pay gave the guest's browser (``onvalidatemerchant``)."""
+
+    validation_url: Annotated[str, Meta(min_length=9, max_length=2048, pattern=r"^https://")]
+
+
+class ApplePaySession(msgspec.Struct, frozen=True):
+    """Apple's merchant session, to hand to ``completeMerchantValidation`` as it is."""
+
+    session: dict[str, Any]
+
+
+@routes.route(
+    "POST",
+    "/v1/payments/applepay/session",
+    summary="Start an Apple Pay merchant session for a guest's browser (through the cloud)",
+    body=ApplePayValidation,
+    response=ApplePaySession,
+    permission=Permission.PAYMENT_TAKE,
+    errors=(
+        ApiCode.TENDER_UNAVAILABLE,
+        ApiCode.PAYMENTS_OFFLINE,
+        ApiCode.MERCHANT_VALIDATION_FAILED,
+    ),
+    idempotent=False,
+)
+async def applepay_session(ctx: Ctx, body: ApplePayValidation) -> ApplePaySession:
+    """An Apple Pay merchant session; the merchant identity certificate stays in the cloud."""
+    gateway = ctx.request.app.get(GATEWAY)
+    if gateway is None:
+        raise ApiError(ApiCode.TENDER_UNAVAILABLE, "Apple Pay needs the cloud", tender="apple_pay")
+    try:
+        return ApplePaySession(await gateway.applepay_session(body.validation_url))
+    except GatewayOffline:
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE) from None
+    except GatewayRefused as refused:
+        if refused.code == "provider_not_configured":
+            raise ApiError(
+                ApiCode.TENDER_UNAVAILABLE, refused.message, tender="apple_pay"
+            ) from None
+        reason = str(refused.details.get("provider_code") or refused.code)
+        raise ApiError(ApiCode.MERCHANT_VALIDATION_FAILED, refused.message, reason=reason) from None
+
+
 class QrCode(msgspec.Struct, frozen=True):
     """A payment's page as a QR code for the guest's phone: SVG text and PNG bytes."""
 
