@@ -34,6 +34,7 @@ webhook is applied to the site that created the payment, and nowhere else).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -45,6 +46,7 @@ import msgpack
 from aiohttp import web
 
 from shared.fees import Tender
+from shared.payment_settings import PaymentSettings, with_overrides
 from sync_protocol.changes import Op
 
 from .applepay import ApplePayCode, ApplePayError, MerchantValidator
@@ -470,3 +472,37 @@ async def applepay_session(request: web.Request) -> web.Response:
         )
         raise CloudError(code, error.message, provider_code=str(error.code)) from None
     return _answer({"session": session})
+
+
+@routes.put("/v1/sites/{site}/settings/payments")
+async def put_payment_settings(request: web.Request) -> web.Response:
+    """Set the site's payment settings the owner changes from here (fee rates, pass-through,
+    tips, the refund threshold): the whole set replaces the last one, ``{}`` goes back to the
+    edge's own. Checked before anything is written; the edge applies them once synced."""
+    site_id = request.match_info["site"]
+    store = request.app[STORE]
+    await store.head(site_id)  # SITE_NOT_FOUND when unknown
+    try:
+        overrides = await request.json()
+    except ValueError:
+        raise CloudError(CloudCode.BAD_REQUEST, "the body is not JSON") from None
+    if not isinstance(overrides, dict):
+        raise CloudError(CloudCode.BAD_REQUEST, "the body is an object of settings")
+    try:
+        with_overrides(PaymentSettings(), overrides)
+    except (ValueError, TypeError) as error:
+        raise CloudError(CloudCode.BAD_REQUEST, str(error)) from None
+    value = json.dumps(overrides, sort_keys=True, separators=(",", ":"))
+    rev = await store.write(site_id, [("site_settings", "payments", Op.UPDATE, {"value": value})])
+    return web.json_response({"site_id": site_id, "payments": overrides, "rev": rev})
+
+
+@routes.get("/v1/sites/{site}/settings/payments")
+async def get_payment_settings(request: web.Request) -> web.Response:
+    """The site's payment settings set from here (``{}``: none, the edge's own apply)."""
+    site_id = request.match_info["site"]
+    store = request.app[STORE]
+    await store.head(site_id)
+    rows, _ = await store.rows_page(site_id, "site_settings", "", 100)
+    value = (rows.get("payments") or {}).get("value")
+    return web.json_response({"site_id": site_id, "payments": json.loads(str(value or "{}"))})

@@ -24,12 +24,11 @@ from sync_protocol.schema import Registry
 from . import payments
 from .api import LIVE_TABLES, error_middleware, setup_api
 from .api.auth import new_id
-from .api.payment_routes import GATEWAY, POLICY, send_refund
+from .api.payment_routes import GATEWAY, SETTINGS, send_refund
 from .api.routing import MAX_BODY, ApiRoutes, Auth, Ctx
 from .config import EdgeConfig
 from .mdns import mdns_ctx
 from .payment_gateway import CloudPayments, PaymentWatcher
-from .payments import PaymentPolicy
 from .state import StoreStatus
 from .store import EdgeStore, wall_clock_ms
 from .uplink import Uplink, UplinkStatus
@@ -229,11 +228,7 @@ def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Appl
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = config.registry(registry or default_registry())
-    app[POLICY] = PaymentPolicy(
-        config.payments.fees(),
-        config.payments.gratuity(),
-        config.payments.refund_approval_above_pence,
-    )
+    app[SETTINGS] = config.payments
     setup_api(app, STORE_KEY, extra=[sync_routes])
     # Order matters: the store opens before the uplink and closes after it.
     app.cleanup_ctx.insert(0, _store_ctx)

@@ -33,6 +33,9 @@ difference as ``refund_due_pence``: money taken is never silently kept or lost.
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -43,6 +46,7 @@ from msgspec import Meta
 from shared.fees import FeeSchedule, Tender
 from shared.gratuity import GratuitySettings, TipError
 from shared.orders import EDITABLE, OrderStatus
+from shared.payment_settings import PaymentSettings, with_overrides
 from shared.splits import SplitError, SplitLine, by_amounts, by_items, by_seat, evenly
 from sync_protocol.changes import Op
 
@@ -51,6 +55,8 @@ from .errors import ApiCode, ApiError, not_found
 from .fields import Id, Reason
 from .orders import load, move, status_of, summary
 from .tx import Tx
+
+log = logging.getLogger(__name__)
 
 Pence = Annotated[int, Meta(ge=0, le=100_000_000)]
 Positive = Annotated[int, Meta(ge=1, le=100_000_000)]
@@ -68,6 +74,18 @@ class PaymentPolicy:
     fees: FeeSchedule = field(default_factory=FeeSchedule)
     tips: GratuitySettings = field(default_factory=GratuitySettings)
     refund_approval_above_pence: int = 2000
+
+
+def policy_of(settings: PaymentSettings, site_row: Mapping[str, Any] | None) -> PaymentPolicy:
+    """The payment rules of ``settings`` with the owner's overrides (the ``site_settings`` row
+    ``payments``, JSON, checked by the cloud before it was written). Overrides this edge
+    cannot use (an older edge, a newer setting) are logged and left out, never half used."""
+    if site_row is not None and site_row.get("value"):
+        try:
+            settings = with_overrides(settings, json.loads(str(site_row["value"])))
+        except (ValueError, TypeError) as error:
+            log.warning("the site's payment settings are not used: %s", error)
+    return PaymentPolicy(settings.fees(), settings.gratuity(), settings.refund_approval_above_pence)
 
 
 class NewPayment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

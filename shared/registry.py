@@ -329,6 +329,14 @@ TILL_MOVEMENTS = TableSpec(
     doc="Cash put into or taken out of a drawer other than by a sale or a refund.",
 )
 
+SITE_SETTINGS = TableSpec(
+    "site_settings",
+    (Column("value", TEXT, doc="JSON: the owner's settings of one kind, e.g. 'payments'"),),
+    author=Author.CLOUD,
+    strategy=Strategy.SERVER_WINS,
+    doc="A site's settings the owner changes from the cloud; the edge reads them live.",
+)
+
 #: tables whose strategy configuration may not change: money is never merged by a rule
 FIXED_STRATEGIES: dict[str, Strategy] = {
     "payments": Strategy.MANUAL,
@@ -352,6 +360,7 @@ TABLES: tuple[TableSpec, ...] = (
     REFUNDS,
     TILLS,
     TILL_MOVEMENTS,
+    SITE_SETTINGS,
 )
 
 

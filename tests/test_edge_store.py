@@ -871,8 +871,10 @@ def test_a_write_past_the_size_cap_is_refused_whole_and_the_store_goes_on(
             # Reads still answer, and a second refusal is as clean as the first.
             first = await store.get("order_lines", "l0-0")
             assert first is not None and first["notes"] == note
-            with pytest.raises(EdgeError) as again:
-                await store.write("order_lines", "late", Op.INSERT, {"notes": note})
+            with pytest.raises(EdgeError) as again:  # the same writes again: still no room
+                await store.write_many(
+                    [("order_lines", f"late-{k}", Op.INSERT, {"notes": note}) for k in range(4)]
+                )
             assert again.value.code is EdgeErrorCode.STORAGE_FULL
         assert raw(tmp_path, "SELECT count(*) FROM order_lines") == [(4 * written,)]
         assert raw(tmp_path, "SELECT count(*), max(seq) FROM outbox") == [

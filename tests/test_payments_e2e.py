@@ -535,3 +535,48 @@ def test_the_cloud_runs_the_simulated_bank_by_default(pg_database: str) -> None:
             await runner.cleanup()
 
     asyncio.run(body())
+
+
+def test_the_owner_changes_a_sites_fees_from_the_cloud(tmp_path: Path, pg_database: str) -> None:
+    async def body(w: World) -> None:
+        oid = await w.order("steak", "ipa")  # 2750
+        before = {t["tender"]: t for t in (await w.sheet(oid))["tenders"]}
+        assert before["card"]["fees_pence"] == 80 + 30 + 28  # 2.9% + 30p, 1% platform
+        url = f"{w.cloud_url}/v1/sites/{w.site}/settings/payments"
+        owner = {"Authorization": f"Bearer {OWNER}"}
+        for bad, why in (
+            ({"card_percent": 2.9}, "card_percent must be a str"),  # a float cannot hold 2.9
+            ({"card_percent": "abc"}, "percent"),
+            ({"surcharge": "1"}, "not a site payment setting: surcharge"),
+            ({"poll_s": 1.0}, "not a site payment setting: poll_s"),  # the box's own
+            ({"pass_through": True}, "pass_through_banned"),  # unlawful in the UK
+        ):
+            async with w.http.put(url, json=bad, headers=owner) as resp:
+                answer = await resp.json()
+                assert resp.status == 400 and why in answer["error"]["message"], answer
+        wanted = {"card_percent": "1.5", "card_fixed_pence": 20, "tip_presets": ["10", "15"]}
+        async with w.http.put(url, json=wanted, headers=owner) as resp:
+            assert resp.status == 200, await resp.text()
+        async with w.http.get(url, headers=owner) as resp:
+            assert (await resp.json())["payments"] == wanted
+
+        async def applied() -> bool:
+            sheet = await w.sheet(oid)
+            card = next(t for t in sheet["tenders"] if t["tender"] == "card")
+            return bool(card["fees_pence"] == 41 + 20 + 28)  # 1.5% rounded half up, + 20p
+
+        await wait_until(applied, 20, "the owner's fees at the edge")
+        sheet = await w.sheet(oid)
+        assert [t["percent"] for t in sheet["tip_options"]] == ["10", "15"]
+        # back to the edge's own settings
+        async with w.http.put(url, json={}, headers=owner) as resp:
+            assert resp.status == 200
+
+        async def restored() -> bool:
+            sheet = await w.sheet(oid)
+            card = next(t for t in sheet["tenders"] if t["tender"] == "card")
+            return bool(card["fees_pence"] == 80 + 30 + 28)
+
+        await wait_until(restored, 20, "the edge's own fees again")
+
+    run(tmp_path, pg_database, body)

@@ -22,6 +22,7 @@ from msgspec import Meta
 from qrcode.image.pure import PyPNGImage
 from qrcode.image.svg import SvgPathImage
 
+from shared.payment_settings import PaymentSettings
 from shared.roles import Permission
 
 from .. import payments, tills
@@ -44,8 +45,8 @@ from .routing import ApiRoutes, Ctx
 
 routes = ApiRoutes("payments")
 
-#: the site's payment rules, set by the app from its config (the defaults otherwise)
-POLICY = web.AppKey("payment_policy", PaymentPolicy)
+#: the edge's [payments] settings, set by the app from its config (the defaults otherwise)
+SETTINGS = web.AppKey("payment_settings", PaymentSettings)
 #: the cloud's payment endpoints (absent: no cloud configured, so cash only)
 GATEWAY = web.AppKey("payment_gateway", CloudPayments)
 
@@ -73,8 +74,10 @@ _REFUND = (
 )
 
 
-def _policy(ctx: Ctx) -> PaymentPolicy:
-    return ctx.request.app.get(POLICY) or PaymentPolicy()
+async def _policy(ctx: Ctx) -> PaymentPolicy:
+    # The owner's overrides from the cloud (a synced row) apply at once, request by request.
+    settings = ctx.request.app.get(SETTINGS) or PaymentSettings()
+    return payments.policy_of(settings, await ctx.store.get("site_settings", "payments"))
 
 
 def _employee(ctx: Ctx) -> str:
@@ -120,7 +123,7 @@ class TillQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 )
 async def get_checkout(ctx: Ctx) -> Checkout:
     """The order's checkout sheet."""
-    order_id, policy = ctx.params["order_id"], _policy(ctx)
+    order_id, policy = ctx.params["order_id"], await _policy(ctx)
     return await ctx.store.transaction(lambda tx: payments.checkout(tx, order_id, policy))
 
 
@@ -151,7 +154,7 @@ async def split_check(ctx: Ctx, body: SplitRequest) -> Split:
 )
 async def take_payment(ctx: Ctx, body: NewPayment) -> Checkout:
     """Take a payment: cash at once; card and bank through the cloud's providers."""
-    order_id, who, policy = ctx.params["order_id"], _employee(ctx), _policy(ctx)
+    order_id, who, policy = ctx.params["order_id"], _employee(ctx), await _policy(ctx)
     gateway = ctx.request.app.get(GATEWAY)
     local = body.tender == "cash"
     if not local and gateway is not None and not gateway.online():
@@ -259,7 +262,7 @@ async def get_payment(ctx: Ctx) -> PaymentView:
 )
 async def refund_payment(ctx: Ctx, body: NewRefund) -> Checkout:
     """Refund a payment: cash from a till at once; card and bank money by the provider."""
-    payment_id, who, policy = ctx.params["payment_id"], _employee(ctx), _policy(ctx)
+    payment_id, who, policy = ctx.params["payment_id"], _employee(ctx), await _policy(ctx)
     if payments.refund_needs_approval(body.amount_pence, policy):
         ctx.require(Permission.PAYMENT_REFUND_LARGE)  # spends an approval if one is needed
     gateway = ctx.request.app.get(GATEWAY)
