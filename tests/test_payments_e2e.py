@@ -580,3 +580,31 @@ def test_the_owner_changes_a_sites_fees_from_the_cloud(tmp_path: Path, pg_databa
         await wait_until(restored, 20, "the edge's own fees again")
 
     run(tmp_path, pg_database, body)
+
+
+def test_an_attempt_the_provider_never_had_is_given_up_and_frees_the_check(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """The edge recorded an attempt and stopped before it asked for the money: the provider
+    never had it, so after ``abandon_after_s`` the poll gives it up and the balance is free."""
+
+    async def body(w: World) -> None:
+        oid = await w.order("soup")
+        store = w.edge.store
+        attempt = NewPayment(tender="bank", amount_pence=450)
+        await store.transaction(
+            lambda tx: payments.take_payment(
+                tx, oid, attempt, "sam", "pay_never_sent", PaymentPolicy(), providers=True
+            )
+        )
+        await wait_until(lambda: store.cursors().acked_through >= store.cursors().last_seq)
+        watcher = w.edge.app[WATCHER_KEY]
+        await watcher.poll_once()  # young: left pending
+        assert (await w.sheet(oid))["payments"][0]["status"] == "pending"
+        watcher.abandon_after_s = 0
+        await watcher.poll_once()
+        done = await w.settled(oid, lambda s: s["payments"][0]["status"] == "failed")
+        assert done["payments"][0]["failure_code"] == "abandoned"
+        assert done["balance_pence"] == 450 and w.bank.payments == {}
+
+    run(tmp_path, pg_database, body)
