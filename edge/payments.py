@@ -53,7 +53,7 @@ from sync_protocol.changes import Op
 from . import tills
 from .errors import ApiCode, ApiError, not_found
 from .fields import Id, Reason
-from .orders import load, move, status_of, summary
+from .orders import load, move, net_paid, status_of, summary
 from .tx import Tx
 
 log = logging.getLogger(__name__)
@@ -281,21 +281,25 @@ class _Balance:
         return self.total - (self.paid - self.refunded)
 
 
-def _balance(tx: Tx, order_id: str, payments: list[PaymentView] | None = None) -> _Balance:
-    payments = payments_of(tx, order_id) if payments is None else payments
-    succeeded = [p for p in payments if p.status == "succeeded"]
-    # A refund gives back the bill's part of a payment first, then its tip.
-    refunded = sum(min(p.refunded_pence, p.amount_pence) for p in succeeded)
-    return _Balance(
-        summary(tx, order_id).totals.total_pence, sum(p.amount_pence for p in succeeded), refunded
+def _balance(tx: Tx, order_id: str) -> _Balance:
+    # What is paid off the bill net of refunds is ``orders.net_paid``, the one rule the close
+    # checks too (a refund gives back the bill's part of a payment first, then its tip).
+    paid = int(
+        tx.one(
+            "SELECT coalesce(sum(amount_pence), 0) FROM payments"
+            " WHERE order_id = ? AND status = 'succeeded'",
+            (order_id,),
+        )[0]
     )
+    total = summary(tx, order_id).totals.total_pence
+    return _Balance(total, paid, paid - net_paid(tx, order_id))
 
 
 def checkout(tx: Tx, order_id: str, policy: PaymentPolicy) -> Checkout:
     """The check as the till shows it, with each tender's cost on the balance."""
     order = load(tx, order_id)
     payments = payments_of(tx, order_id)
-    balance = _balance(tx, order_id, payments)
+    balance = _balance(tx, order_id)
     due = max(balance.due, 0)
     comparison = policy.fees.compare(due)
     tenders = [
