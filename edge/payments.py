@@ -108,6 +108,9 @@ class NewRefund(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     amount_pence: Positive
     reason: Reason
     till_id: Id | None = None  #: for cash: the drawer it comes out of (default: the payment's)
+    #: give it back in cash from ``till_id`` whatever the payment's tender (a guest whose card
+    #: was charged, or a cloud out of reach); default: the way it was paid
+    in_cash: bool = False
 
 
 class PaymentView(msgspec.Struct, frozen=True):
@@ -554,7 +557,8 @@ def refund(
     providers: bool = False,
 ) -> Checkout:
     """Give ``new.amount_pence`` back against a succeeded payment: cash out of an open till at
-    once; card and bank money recorded ``pending`` for the provider (``finish_refund``)."""
+    once (for any payment, with ``in_cash``); card and bank money recorded ``pending`` for the
+    provider (``finish_refund``)."""
     paid = payment(tx, payment_id)
     if paid.status != "succeeded":
         raise ApiError(
@@ -569,13 +573,13 @@ def refund(
             f"{new.amount_pence} pence is more than the {left} pence left of the payment",
             refundable_pence=left,
         )
-    tender = Tender(paid.tender)
+    tender = Tender.CASH if new.in_cash else Tender(paid.tender)
     order = load(tx, paid.order_id)
     fields: dict[str, Any] = {
         "payment_id": payment_id,
         "order_id": paid.order_id,
         "business_day": order.get("business_day"),
-        "tender": paid.tender,
+        "tender": str(tender),
         "amount_pence": new.amount_pence,
         "reason": new.reason,
         "requested_by": requested_by,
@@ -592,7 +596,8 @@ def refund(
         tx.write("refunds", refund_id, Op.INSERT, fields | {"status": "pending"}, new=True)
         return checkout(tx, paid.order_id, policy)
     till_id = new.till_id or paid.till_id
-    assert till_id is not None  # a cash payment always names its till
+    if till_id is None:
+        raise ApiError(ApiCode.INVALID_REQUEST, "a cash refund names the till it comes out of")
     tills.require_open(tx, till_id)
     tills.require_cash(tx, till_id, new.amount_pence)
     done = {"till_id": till_id, "status": "succeeded", "completed_at_ms": tx.now_ms}

@@ -435,11 +435,28 @@ def test_a_card_payment_is_taken_and_partly_refunded(
         provider = w.card_provider()
         ref = await provider.find(card["id"])
         assert ref is not None and ref.refunded_pence == 550
+        # The guest would rather have cash back for the rest of the round: from the till.
+        got, till, _ = await w.edge.call(
+            "POST", "/v1/tills", w.tablet.headers("bo"), json={"name": "Bar", "float_pence": 5000}
+        )
+        refunds = f"/v1/payments/{card['id']}/refunds"
+        for ask, status in (
+            ({"amount_pence": 300, "reason": "round", "in_cash": True}, 422),  # which till?
+            ({"amount_pence": 300, "reason": "round", "in_cash": True, "till_id": till["id"]}, 201),
+        ):
+            got, after, _ = await w.edge.call("POST", refunds, w.tablet.headers("sam"), json=ask)
+            assert got == status, after
+        assert [(r["tender"], r["status"], r["amount_pence"]) for r in after["refunds"]] == [
+            ("card", "succeeded", 550), ("cash", "succeeded", 300),
+        ]  # fmt: skip
+        assert after["payments"][0]["refunded_pence"] == 850
+        got, drawer, _ = await w.edge.call("GET", f"/v1/tills/{till['id']}", w.tablet.headers("bo"))
+        assert (drawer["cash_refunded_pence"], drawer["expected_pence"]) == (300, 4700)
         # The owner sees the platform's fee revenue for the site and the day, in the cloud.
         day = w.edge_rows(f"SELECT business_day FROM payments WHERE id = '{card['id']}'")[0][0]
         expected = {
             "business_day": day, "payments": 1, "charged_pence": 3025, "tips_pence": 275,
-            "provider_fee_pence": 110, "platform_fee_pence": 28, "refunded_pence": 550,
+            "provider_fee_pence": 110, "platform_fee_pence": 28, "refunded_pence": 850,
         }  # fmt: skip
 
         async def in_cloud() -> bool:
