@@ -21,14 +21,12 @@ from aiohttp.log import access_logger as aiohttp_access_logger
 from shared.registry import default_registry
 from sync_protocol.schema import Registry
 
-from . import payments
 from .api import LIVE_TABLES, error_middleware, setup_api
-from .api.auth import new_id
-from .api.payment_routes import GATEWAY, SETTINGS, send_refund
+from .api.payment_routes import GATEWAY, SETTINGS
 from .api.routing import MAX_BODY, ApiRoutes, Auth, Ctx
 from .config import EdgeConfig
 from .mdns import mdns_ctx
-from .payment_gateway import CloudPayments, PaymentWatcher
+from .payment_gateway import CloudPayments, PaymentWatcher, payment_watcher
 from .state import StoreStatus
 from .store import EdgeStore, wall_clock_ms
 from .uplink import Uplink, UplinkStatus
@@ -201,24 +199,6 @@ async def _uplink_ctx(app: web.Application) -> AsyncIterator[None]:
         await watcher.stop()
         await gateway.close()
         await uplink.stop()
-
-
-def payment_watcher(store: EdgeStore, gateway: CloudPayments, **options: Any) -> PaymentWatcher:
-    """The watcher that settles this edge's card and bank payments (``edge.payment_gateway``)."""
-
-    async def settle(payment_id: str) -> list[str]:
-        refund_id = new_id("ref")
-        return await store.transaction(lambda tx: payments.settle(tx, payment_id, refund_id))
-
-    async def abandon(payment_id: str) -> None:
-        await store.transaction(
-            lambda tx: payments.end_attempt(tx, payment_id, "failed", "abandoned")
-        )
-
-    async def refund(refund_id: str) -> None:
-        await send_refund(store, gateway, refund_id)
-
-    return PaymentWatcher(store, gateway, settle, refund, abandon, **options)
 
 
 def create_app(config: EdgeConfig, registry: Registry | None = None) -> web.Application:

@@ -10,7 +10,10 @@ waits until the uplink has had the attempt's change acknowledged, a few millisec
 Not acknowledged in ``push_timeout_s`` means the cloud is out of reach: the attempt is
 marked failed and the till is told it is offline, so cash is taken instead.
 
-``PaymentWatcher`` settles attempts as the provider's view of them arrives through sync
+``ask_provider`` is the one way an attempt recorded ``pending`` is taken (the tablet route
+and the demo's cashier both call it); ``send_refund`` carries out a pending refund.
+
+``PaymentWatcher`` (built by ``payment_watcher``) settles attempts as the provider's view of them arrives through sync
 (``payments.provider_state``, written by the cloud from a webhook, a poll or an answer):
 it subscribes to the store's row events and runs ``edge.payments.settle`` for each payment
 whose provider state moved. As a backstop for a lost webhook it asks the cloud to read every
@@ -35,6 +38,8 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from . import payments
+from .errors import ApiCode, ApiError
 from .store import EdgeStore, wall_clock_ms
 from .tx import Event
 
@@ -283,3 +288,82 @@ class PaymentWatcher:
                     age_s > self.abandon_after_s
                 ):
                     self._queue.put_nowait(("abandon", payment_id))
+
+
+async def ask_provider(
+    store: EdgeStore,
+    gateway: CloudPayments,
+    order_id: str,
+    payment_id: str,
+    payment_method: str | None = None,
+) -> dict[str, Any]:
+    """Have the cloud's provider take a pending attempt (once the cloud holds it); returns its
+    answer. Gives the attempt up (``failed``, ``cancelled`` or ``expired``) when that cannot be
+    done: ``503 payments_offline`` when the cloud is out of reach, ``402 payment_declined``."""
+
+    async def give_up(state: str, code: str) -> None:
+        await store.transaction(lambda tx: payments.end_attempt(tx, payment_id, state, code))
+
+    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
+        await give_up("failed", "offline")
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE)
+    order = await store.get("orders", order_id) or {}
+    currency = str(order.get("currency") or "GBP")
+    description = f"Check {order.get('check_number')!s}"
+    try:
+        answer = await gateway.create(payment_id, currency, description, payment_method)
+    except GatewayOffline:
+        await give_up("failed", "offline")
+        raise ApiError(ApiCode.PAYMENTS_OFFLINE) from None
+    except GatewayRefused as refused:
+        code = str(refused.details.get("provider_code") or refused.code)
+        await give_up("failed", code)
+        raise ApiError(ApiCode.PAYMENT_DECLINED, refused.message, reason=code) from None
+    if answer.get("state") in ("failed", "cancelled", "expired"):
+        await give_up(str(answer["state"]), str(answer.get("failure_code") or answer["state"]))
+    return answer
+
+
+async def send_refund(store: EdgeStore, gateway: CloudPayments, refund_id: str) -> None:
+    """Have the provider carry out a pending refund and record what it did (``GatewayOffline``
+    when the cloud is out of reach: it stays pending, to be sent again)."""
+    refund = await store.get("refunds", refund_id)
+    if refund is None or refund.get("status") != "pending":
+        return
+    known = refund.get("provider_state")
+    if known in ("succeeded", "failed"):  # the provider's answer came by sync: record it
+        await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, str(known), None))
+        return
+    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
+        raise GatewayOffline("the refund did not reach the cloud")
+    try:
+        answer = await gateway.refund(
+            refund_id,
+            str(refund["payment_id"]),
+            str(refund["tender"]),
+            int(refund["amount_pence"] or 0),
+        )
+        state, code = str(answer.get("state")), None
+    except GatewayRefused as refused:
+        state, code = "failed", str(refused.details.get("provider_code") or refused.code)
+    await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, state, code))
+
+
+def payment_watcher(store: EdgeStore, gateway: CloudPayments, **options: Any) -> PaymentWatcher:
+    """The watcher that settles this edge's card and bank payments."""
+
+    async def settle(payment_id: str) -> list[str]:
+        # One late-payment refund per payment at most, by its id: a retried settle cannot
+        # start a second.
+        refund_id = f"ref_late_{payment_id}"
+        return await store.transaction(lambda tx: payments.settle(tx, payment_id, refund_id))
+
+    async def abandon(payment_id: str) -> None:
+        await store.transaction(
+            lambda tx: payments.end_attempt(tx, payment_id, "failed", "abandoned")
+        )
+
+    async def refund(refund_id: str) -> None:
+        await send_refund(store, gateway, refund_id)
+
+    return PaymentWatcher(store, gateway, settle, refund, abandon, **options)

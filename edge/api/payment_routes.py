@@ -26,7 +26,13 @@ from shared.payment_settings import PaymentSettings
 from shared.roles import Permission
 
 from .. import payments, tills
-from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused, wait_pushed
+from ..payment_gateway import (
+    CloudPayments,
+    GatewayOffline,
+    GatewayRefused,
+    ask_provider,
+    send_refund,
+)
 from ..payments import (
     Checkout,
     DayTakings,
@@ -37,7 +43,6 @@ from ..payments import (
     Split,
     SplitRequest,
 )
-from ..store import EdgeStore
 from ..tills import CloseTill, Movement, OpenTill, TillList, TillSummary
 from .auth import new_id
 from .errors import ApiCode, ApiError
@@ -201,40 +206,6 @@ async def _ask_provider(
     )
 
 
-async def ask_provider(
-    store: EdgeStore,
-    gateway: CloudPayments,
-    order_id: str,
-    payment_id: str,
-    payment_method: str | None = None,
-) -> dict[str, Any]:
-    """Have the cloud's provider take a pending attempt (once the cloud holds it); returns its
-    answer. Gives the attempt up (``failed``, ``cancelled`` or ``expired``) when that cannot be
-    done: ``503 payments_offline`` when the cloud is out of reach, ``402 payment_declined``."""
-
-    async def give_up(state: str, code: str) -> None:
-        await store.transaction(lambda tx: payments.end_attempt(tx, payment_id, state, code))
-
-    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
-        await give_up("failed", "offline")
-        raise ApiError(ApiCode.PAYMENTS_OFFLINE)
-    order = await store.get("orders", order_id) or {}
-    currency = str(order.get("currency") or "GBP")
-    description = f"Check {order.get('check_number')!s}"
-    try:
-        answer = await gateway.create(payment_id, currency, description, payment_method)
-    except GatewayOffline:
-        await give_up("failed", "offline")
-        raise ApiError(ApiCode.PAYMENTS_OFFLINE) from None
-    except GatewayRefused as refused:
-        code = str(refused.details.get("provider_code") or refused.code)
-        await give_up("failed", code)
-        raise ApiError(ApiCode.PAYMENT_DECLINED, refused.message, reason=code) from None
-    if answer.get("state") in ("failed", "cancelled", "expired"):
-        await give_up(str(answer["state"]), str(answer.get("failure_code") or answer["state"]))
-    return answer
-
-
 @routes.route(
     "GET",
     "/v1/payments/{payment_id}",
@@ -281,31 +252,6 @@ async def refund_payment(ctx: Ctx, body: NewRefund) -> Checkout:
     except GatewayOffline:
         pass  # it stays pending; the payment watcher sends it again
     return await ctx.store.transaction(lambda tx: payments.checkout(tx, sheet.order_id, policy))
-
-
-async def send_refund(store: EdgeStore, gateway: CloudPayments, refund_id: str) -> None:
-    """Have the provider carry out a pending refund and record what it did (``GatewayOffline``
-    when the cloud is out of reach: it stays pending, to be sent again)."""
-    refund = await store.get("refunds", refund_id)
-    if refund is None or refund.get("status") != "pending":
-        return
-    known = refund.get("provider_state")
-    if known in ("succeeded", "failed"):  # the provider's answer came by sync: record it
-        await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, str(known), None))
-        return
-    if not await wait_pushed(store, store.cursors().last_seq, gateway.push_timeout_s):
-        raise GatewayOffline("the refund did not reach the cloud")
-    try:
-        answer = await gateway.refund(
-            refund_id,
-            str(refund["payment_id"]),
-            str(refund["tender"]),
-            int(refund["amount_pence"] or 0),
-        )
-        state, code = str(answer.get("state")), None
-    except GatewayRefused as refused:
-        state, code = "failed", str(refused.details.get("provider_code") or refused.code)
-    await store.transaction(lambda tx: payments.finish_refund(tx, refund_id, state, code))
 
 
 @routes.route(

@@ -43,11 +43,11 @@ from sync_protocol.changes import Op, Value
 
 from .. import payments, tills
 from ..api.auth import new_id
-from ..api.payment_routes import GATEWAY, ask_provider
+from ..api.payment_routes import GATEWAY
 from ..app import STORE_KEY, UPLINK_KEY, create_app, status_body
 from ..config import DEFAULT_PATH, CloudSettings, EdgeConfig, load_edge_config
 from ..errors import ApiError
-from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused
+from ..payment_gateway import CloudPayments, GatewayOffline, GatewayRefused, ask_provider
 from ..payments import NewPayment, PaymentPolicy
 from ..store import EdgeStore, Write, wall_clock_ms
 from ..uplink import Uplink
